@@ -1,0 +1,70 @@
+"""fastres's convolution beside numpy im2col + BLAS, on every ResNet50 convolution shape.
+
+Run with:  pytest benchmarks/test_conv_kernels.py --benchmark-only
+One group per distinct shape (and one per whole sequence of 53 convolutions);
+compare the two rows of a group as a ratio of medians, never across runs.
+"""
+import numpy as np
+import pytest
+
+import fastres.kernels as K
+from fastres.resnet50_shapes import distinct, resnet50_convs
+from reference import conv2d_im2col_blas
+
+SIZES = (224, 64)
+CASES = [(size, conv, count) for size in SIZES for conv, count in distinct(resnet50_convs(size))]
+
+
+def make_layer(conv, rng):
+    x = rng.standard_normal((1, conv.size, conv.size, conv.cin), dtype=np.float32)
+    w = (rng.standard_normal((conv.kernel, conv.kernel, conv.cin, conv.cout)) * np.sqrt(2 / (conv.kernel**2 * conv.cin)))
+    return x, w.astype(np.float32)
+
+
+def check(result, expected):
+    scale = np.abs(expected).max()
+    assert np.abs(result - expected).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("engine", ["fastres", "numpy-im2col-blas"])
+@pytest.mark.parametrize("size,conv,count", CASES, ids=[f"{s}-{c.key}" for s, c, _ in CASES])
+def test_conv_shape(benchmark, engine, size, conv, count):
+    benchmark.group = f"conv {conv.key} (ResNet50 at {size}, x{count})"
+    benchmark.extra_info["gflop"] = conv.flops / 1e9
+    rng = np.random.default_rng(0)
+    x, w = make_layer(conv, rng)
+    expected = conv2d_im2col_blas(x, w, conv.stride, conv.padding)
+    if engine == "fastres":
+        packed, bias = K.pack_conv2d(w), np.zeros(conv.cout, np.float32)
+        out = np.empty_like(expected)
+        K.conv2d(x, packed, bias, strides=conv.stride, padding=conv.padding, relu=True, out=out)  # JIT warm-up
+        result = benchmark(K.conv2d, x, packed, bias, strides=conv.stride, padding=conv.padding, relu=True, out=out)
+    else:
+        result = benchmark(conv2d_im2col_blas, x, w, conv.stride, conv.padding)
+    check(result, expected)
+
+
+@pytest.mark.parametrize("engine", ["fastres", "numpy-im2col-blas"])
+@pytest.mark.parametrize("size", SIZES)
+def test_resnet50_all_convs(benchmark, engine, size):
+    """The 53 convolutions of ResNet50 one after another, batch 1."""
+    convs = resnet50_convs(size)
+    benchmark.group = f"ResNet50's 53 convolutions at {size}x{size}, batch 1"
+    benchmark.extra_info["gflop"] = sum(c.flops for c in convs) / 1e9
+    rng = np.random.default_rng(0)
+    layers = [(c, *make_layer(c, rng)) for c in convs]
+    if engine == "fastres":
+        packed = [(c, x, K.pack_conv2d(w), np.zeros(c.cout, np.float32)) for c, x, w in layers]
+        outs = [K.conv2d(x, p, b, strides=c.stride, padding=c.padding, relu=True) for c, x, p, b in packed]  # warm-up
+
+        def run():
+            for (c, x, p, b), out in zip(packed, outs):
+                K.conv2d(x, p, b, strides=c.stride, padding=c.padding, relu=True, out=out)
+            return outs
+    else:
+        def run():
+            return [conv2d_im2col_blas(x, w, c.stride, c.padding) for c, x, w in layers]
+
+    results = benchmark(run)
+    c, x, w = layers[-1]
+    check(results[-1], conv2d_im2col_blas(x, w, c.stride, c.padding))

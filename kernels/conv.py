@@ -1,0 +1,320 @@
+"""2-D convolution: a register-tiled direct kernel on packed weights.
+
+Weights are packed once (``pack_conv2d``) into 64-wide output-channel panels,
+``panels[b, (i*KW + j)*Cin + c, :] = w[i, j, c, 64*b : 64*b + 64]``.  A task owns
+one panel and a run of output pixels; for every tile of ``TILE`` pixels it
+accumulates all kernel taps and input channels in ``TILE x 64`` stack
+accumulators (kept in vector registers), then adds the bias and residual and
+applies ReLU while storing.  1x1 convolutions and dense layers are the same
+kernel with one tap; inputs with few channels (the 7x7 stem) gather their
+receptive fields first with the Cython ``im2col`` and run as a 1x1.
+"""
+from typing import NamedTuple
+
+import numpy as np
+from numba import carray, prange
+
+from . import _checks
+from ._im2col import im2col_forward
+from ._numba import jit, pjit, stack_f32
+
+PANEL = 64        # output channels per packed panel
+TILE = 4          # output pixels per register tile
+CHUNK = 16        # tiles per parallel task
+ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
+IM2COL_MAX_CIN = 8  # inputs with at most this many channels go through im2col
+
+
+class PackedConv2D(NamedTuple):
+    """Convolution weights packed for ``conv2d``: made once by ``pack_conv2d``."""
+
+    panels: np.ndarray  # (ceil(Cout / 64), KH*KW*Cin, 64) float32
+    kernel_size: tuple  # (KH, KW)
+    in_channels: int
+    out_channels: int
+    im2col: bool        # True: the input is gathered with im2col and run as a 1x1
+
+    @property
+    def shape(self):
+        """The HWIO shape of the kernel this was packed from."""
+        return (*self.kernel_size, self.in_channels, self.out_channels)
+
+
+@pjit
+def _pack_panels(panels, w2d):
+    """Copy a (K, Cout) kernel into 64-wide panels.
+
+    Parameters
+    ----------
+    panels : float32 (nblk, K, 64), zero where a panel runs past Cout
+    w2d : float32 (K, Cout)
+    """
+    nblk, k, _ = panels.shape
+    cout = w2d.shape[1]
+    for b in prange(nblk):
+        for r in range(k):
+            for j in range(PANEL):
+                c = b * PANEL + j
+                panels[b, r, j] = w2d[r, c] if c < cout else 0.0
+
+
+def pack_conv2d(w):
+    """Pack a Keras HWIO convolution kernel (or a (in, out) dense kernel) for ``conv2d``.
+
+    Parameters
+    ----------
+    w : float32 (KH, KW, Cin, Cout) or (Cin, Cout)
+
+    Returns
+    -------
+    PackedConv2D
+    """
+    if isinstance(w, np.ndarray) and w.ndim == 2:
+        w = w[None, None]
+    w = _checks.array("pack_conv2d", "w", w, ndim=4)
+    kh, kw, cin, cout = w.shape
+    use_im2col = cin <= IM2COL_MAX_CIN and kh * kw > 1
+    panels = np.empty((-(-cout // PANEL), kh * kw * cin, PANEL), np.float32)
+    _pack_panels(panels, w.reshape(kh * kw * cin, cout))
+    return PackedConv2D(panels, (kh, kw), cin, cout, use_im2col)
+
+
+@pjit
+def _conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
+    """Direct convolution of a padded NHWC input with packed weights.
+
+    Parameters
+    ----------
+    out : float32 (N, OH, OW, Cout), written
+    inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
+    panels : float32 (nblk, KH*KW*Cin, 64) from ``pack_conv2d``
+    bias : float32 (Cout,)
+    residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
+    kernel_w : int, KW (KH follows from the panel depth)
+    stride : int, the same along both axes
+    relu : bool, apply max(0, .) while storing
+    """
+    n, oh, ow, cout = out.shape
+    hp, wp, cin = inp.shape[1], inp.shape[2], inp.shape[3]
+    nblk, depth, _ = panels.shape
+    kernel_h = depth // (kernel_w * cin)
+    pixels = n * oh * ow
+    has_residual = residual.size > 0
+    x = inp.reshape(-1)
+    y = out.reshape(pixels, cout)
+    res = residual.reshape(-1, cout)
+    ntiles = (pixels + TILE - 1) // TILE
+    nchunks = (ntiles + CHUNK - 1) // CHUNK
+    # offset in x of each output pixel's first tap; the last tile repeats the last pixel
+    starts = np.empty(ntiles * TILE, np.int64)
+    for p in prange(ntiles * TILE):
+        q = min(p, pixels - 1)
+        img, rest = q // (oh * ow), q % (oh * ow)
+        starts[p] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
+    for task in prange(nblk * nchunks):
+        b = task // nchunks
+        chunk = task % nchunks
+        acc = carray(stack_f32(ACC), (TILE, PANEL))
+        for tile in range(chunk * CHUNK, min(ntiles, (chunk + 1) * CHUNK)):
+            p0 = tile * TILE
+            b0 = starts[p0]
+            b1 = starts[p0 + 1]
+            b2 = starts[p0 + 2]
+            b3 = starts[p0 + 3]
+            for t in range(TILE):
+                for j in range(PANEL):
+                    acc[t, j] = 0.0
+            r = 0
+            for i in range(kernel_h):
+                for k in range(kernel_w):
+                    tap = (i * wp + k) * cin
+                    for c in range(cin):
+                        x0 = x[b0 + tap + c]
+                        x1 = x[b1 + tap + c]
+                        x2 = x[b2 + tap + c]
+                        x3 = x[b3 + tap + c]
+                        for j in range(PANEL):
+                            wv = panels[b, r, j]
+                            acc[0, j] += x0 * wv
+                            acc[1, j] += x1 * wv
+                            acc[2, j] += x2 * wv
+                            acc[3, j] += x3 * wv
+                        r += 1
+            c0 = b * PANEL
+            width = min(PANEL, cout - c0)
+            for t in range(min(TILE, pixels - p0)):
+                p = p0 + t
+                for j in range(width):
+                    v = acc[t, j] + bias[c0 + j]
+                    if has_residual:
+                        v += res[p, c0 + j]
+                    if relu:
+                        v = max(v, 0.0)
+                    y[p, c0 + j] = v
+
+
+@pjit
+def _zero_pad_forward(out, inp, top, left):
+    """Copy ``inp`` into the middle of ``out`` and zero the border.
+
+    Parameters
+    ----------
+    out : float32 (N, H + top + bottom, W + left + right, C), written
+    inp : float32 (N, H, W, C)
+    top, left : int, rows and columns of zeros before the input
+    """
+    n, hp, wp, c = out.shape
+    h, w = inp.shape[1], inp.shape[2]
+    for row in prange(n * hp):
+        b = row // hp
+        yy = row % hp - top
+        for xx in range(wp):
+            src = xx - left
+            if 0 <= yy < h and 0 <= src < w:
+                for ch in range(c):
+                    out[b, row % hp, xx, ch] = inp[b, yy, src, ch]
+            else:
+                for ch in range(c):
+                    out[b, row % hp, xx, ch] = 0.0
+
+
+def zero_pad2d(x, padding, out=None):
+    """Zero-pad an NHWC batch, like Keras ``ZeroPadding2D``.
+
+    Parameters
+    ----------
+    x : float32 (N, H, W, C)
+    padding : int, (rows, cols) or ((top, bottom), (left, right))
+    out : float32 (N, H + top + bottom, W + left + right, C), optional
+
+    Returns
+    -------
+    float32 (N, H + top + bottom, W + left + right, C)
+    """
+    x = _checks.array("zero_pad2d", "x", x, ndim=4)
+    (top, bottom), (left, right) = _pad_amounts(padding)
+    n, h, w, c = x.shape
+    out = _checks.output("zero_pad2d", out, (n, h + top + bottom, w + left + right, c))
+    _zero_pad_forward(out, x, top, left)
+    return out
+
+
+def _pad_amounts(padding):
+    """Normalise Keras ZeroPadding2D's padding argument to ((top, bottom), (left, right))."""
+    try:
+        if isinstance(padding, (int, np.integer)):
+            amounts = ((int(padding),) * 2,) * 2
+        elif all(isinstance(p, (int, np.integer)) for p in padding):
+            rows, cols = padding
+            amounts = ((int(rows),) * 2, (int(cols),) * 2)
+        else:
+            (top, bottom), (left, right) = padding
+            amounts = ((int(top), int(bottom)), (int(left), int(right)))
+    except (TypeError, ValueError):
+        raise ValueError(f"zero_pad2d: padding must be an int, a pair or a pair of pairs, got {padding!r}") from None
+    if any(p < 0 for pair in amounts for p in pair) or any(isinstance(p, bool) for pair in amounts for p in pair):
+        raise ValueError(f"zero_pad2d: padding must not be negative, got {padding!r}")
+    return amounts
+
+
+@pjit
+def im2col_numba(out, inp, kernel_h, kernel_w, stride):
+    """Numba twin of the Cython ``im2col_forward`` (the tests cross-check the two).
+
+    Parameters
+    ----------
+    out : float32 (N*OH*OW, KH*KW*C), written
+    inp : float32 (N, H, W, C), padded
+    kernel_h, kernel_w, stride : int
+    """
+    n, h, w, c = inp.shape
+    oh = (h - kernel_h) // stride + 1
+    ow = (w - kernel_w) // stride + 1
+    for row in prange(n * oh):
+        b = row // oh
+        yy = row % oh
+        for xx in range(ow):
+            col = 0
+            for i in range(kernel_h):
+                for j in range(kernel_w):
+                    for ch in range(c):
+                        out[row * ow + xx, col] = inp[b, yy * stride + i, xx * stride + j, ch]
+                        col += 1
+
+
+_NO_RESIDUAL = np.zeros((0, 0, 0, 0), np.float32)
+
+
+def conv2d(x, w, bias=None, strides=1, padding="valid", relu=False, residual=None, out=None):
+    """2-D convolution of an NHWC batch with TensorFlow's padding semantics.
+
+    ``out = relu?(conv(x, w) + bias + residual)``, all applied while storing.
+
+    Parameters
+    ----------
+    x : float32 (N, H, W, Cin)
+    w : float32 (KH, KW, Cin, Cout) Keras HWIO kernel, or a ``PackedConv2D``
+    bias : float32 (Cout,), optional
+    strides : int or (int, int); both axes must be equal
+    padding : "valid" or "same" (TensorFlow: an odd total pads one more at the bottom/right)
+    relu : bool, apply ReLU after the bias and residual
+    residual : float32 (N, OH, OW, Cout), optional, added before the ReLU
+    out : float32 (N, OH, OW, Cout), optional
+
+    Returns
+    -------
+    float32 (N, OH, OW, Cout)
+    """
+    x = _checks.array("conv2d", "x", x, ndim=4)
+    packed = w if isinstance(w, PackedConv2D) else pack_conv2d(_checks.array("conv2d", "w", w, ndim=4))
+    (kh, kw), cin, cout = packed.kernel_size, packed.in_channels, packed.out_channels
+    if x.shape[3] != cin:
+        raise ValueError(f"conv2d: x has {x.shape[3]} channels but w expects {cin} input channels")
+    sh, sw = _checks.pair("conv2d", "strides", strides)
+    if sh != sw:
+        raise ValueError(f"conv2d: strides must be equal along both axes, got {strides!r}")
+    mode = _checks.padding_mode("conv2d", padding)
+    n, h, wd, _ = x.shape
+    oh, top, bottom = _checks.output_size("conv2d", h, kh, sh, mode)
+    ow, left, right = _checks.output_size("conv2d", wd, kw, sw, mode)
+    bias = _checks.vector("conv2d", "bias", bias, cout)
+    if bias is None:
+        bias = np.zeros(cout, np.float32)
+    if residual is None:
+        residual = _NO_RESIDUAL
+    else:
+        residual = _checks.array("conv2d", "residual", residual, ndim=4)
+        if residual.shape != (n, oh, ow, cout):
+            raise ValueError(f"conv2d: residual must have shape {(n, oh, ow, cout)}, got {residual.shape}")
+    out = _checks.output("conv2d", out, (n, oh, ow, cout))
+    if top or bottom or left or right:
+        x = zero_pad2d(x, ((top, bottom), (left, right)))
+    if packed.im2col:
+        cols = np.empty((n * oh * ow, kh * kw * cin), np.float32)
+        im2col_forward(cols, x, kh, kw, sh)
+        x, kw, sh = cols.reshape(n, oh, ow, -1), 1, 1
+    _conv2d_forward(out, x, packed.panels, bias, residual, kw, sh, bool(relu))
+    return out
+
+
+def dense(x, w, bias=None, relu=False, out=None):
+    """Fully connected layer ``out = relu?(x @ w + bias)`` on the convolution kernel.
+
+    Parameters
+    ----------
+    x : float32 (N, Cin)
+    w : float32 (Cin, Cout) Keras dense kernel, or its ``pack_conv2d`` packing
+    bias : float32 (Cout,), optional
+    relu : bool
+    out : float32 (N, Cout), optional
+    """
+    x = _checks.array("dense", "x", x, ndim=2)
+    if not isinstance(w, PackedConv2D):
+        w = pack_conv2d(_checks.array("dense", "w", w, ndim=2))
+    if w.kernel_size != (1, 1):
+        raise ValueError(f"dense: w must be a (Cin, Cout) kernel, got a packed {w.shape} convolution")
+    if x.shape[1] != w.in_channels:
+        raise ValueError(f"dense: x has {x.shape[1]} features but w expects {w.in_channels}")
+    out = _checks.output("dense", out, (x.shape[0], w.out_channels))
+    conv2d(x[:, None, None, :], w, bias, relu=relu, out=out[:, None, None, :])
+    return out

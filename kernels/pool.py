@@ -1,0 +1,130 @@
+"""Pooling with TensorFlow's semantics: windowed max/average and global pools.
+
+"same" padding follows TensorFlow: the output is ceil(size / stride), the
+padding is split with the extra row/column at the bottom/right, max-pooling
+ignores the padded positions, and average-pooling divides by the number of
+real pixels in each window (not by the window size).
+"""
+import numpy as np
+from numba import prange
+
+from . import _checks
+from ._numba import pjit
+
+
+@pjit
+def _pool2d_forward(out, inp, pool, stride, pad, average):
+    """Windowed max or average pooling over real pixels only.
+
+    Parameters
+    ----------
+    out : float32 (N, OH, OW, C), written
+    inp : float32 (N, H, W, C)
+    pool : (int, int) window (PH, PW)
+    stride : (int, int)
+    pad : (int, int) rows and columns of padding before the input (top, left)
+    average : bool, True for the mean, False for the max
+    """
+    n, oh, ow, c = out.shape
+    h, w = inp.shape[1], inp.shape[2]
+    for row in prange(n * oh):
+        b = row // oh
+        y = row % oh
+        y0 = max(y * stride[0] - pad[0], 0)
+        y1 = min(y * stride[0] - pad[0] + pool[0], h)
+        for x in range(ow):
+            x0 = max(x * stride[1] - pad[1], 0)
+            x1 = min(x * stride[1] - pad[1] + pool[1], w)
+            for ch in range(c):
+                out[b, y, x, ch] = 0.0 if average else -np.inf
+            for yy in range(y0, y1):
+                for xx in range(x0, x1):
+                    for ch in range(c):
+                        v = inp[b, yy, xx, ch]
+                        if average:
+                            out[b, y, x, ch] += v
+                        elif not v <= out[b, y, x, ch]:  # NaN propagates, as in TensorFlow
+                            out[b, y, x, ch] = v
+            if average:
+                scale = 1.0 / ((y1 - y0) * (x1 - x0))
+                for ch in range(c):
+                    out[b, y, x, ch] *= scale
+
+
+@pjit
+def _global_pool_forward(out, inp, average):
+    """Mean or max over the spatial axes.
+
+    Parameters
+    ----------
+    out : float32 (N, C), written
+    inp : float32 (N, H*W, C)
+    average : bool
+    """
+    n, hw, c = inp.shape
+    for b in prange(n):
+        for ch in range(c):
+            out[b, ch] = 0.0 if average else -np.inf
+        for p in range(hw):
+            for ch in range(c):
+                v = inp[b, p, ch]
+                if average:
+                    out[b, ch] += v
+                elif not v <= out[b, ch]:
+                    out[b, ch] = v
+        if average:
+            for ch in range(c):
+                out[b, ch] /= hw
+
+
+def _pool2d(func, x, pool_size, strides, padding, average, out):
+    x = _checks.array(func, "x", x, ndim=4)
+    pool = _checks.pair(func, "pool_size", pool_size)
+    stride = pool if strides is None else _checks.pair(func, "strides", strides)
+    mode = _checks.padding_mode(func, padding)
+    n, h, w, c = x.shape
+    oh, top, _ = _checks.output_size(func, h, pool[0], stride[0], mode)
+    ow, left, _ = _checks.output_size(func, w, pool[1], stride[1], mode)
+    out = _checks.output(func, out, (n, oh, ow, c))
+    _pool2d_forward(out, x, pool, stride, (top, left), average)
+    return out
+
+
+def max_pool2d(x, pool_size=2, strides=None, padding="valid", out=None):
+    """Max pooling of an NHWC batch (Keras ``MaxPooling2D``; ``strides`` defaults to ``pool_size``).
+
+    Parameters
+    ----------
+    x : float32 (N, H, W, C)
+    pool_size, strides : int or (int, int)
+    padding : "valid" or "same"
+    out : float32 (N, OH, OW, C), optional
+    """
+    return _pool2d("max_pool2d", x, pool_size, strides, padding, False, out)
+
+
+def avg_pool2d(x, pool_size=2, strides=None, padding="valid", out=None):
+    """Average pooling of an NHWC batch (Keras ``AveragePooling2D``).
+
+    With "same" padding each window's sum is divided by its count of real
+    pixels, as TensorFlow does.
+    """
+    return _pool2d("avg_pool2d", x, pool_size, strides, padding, True, out)
+
+
+def _global_pool(func, x, average, out):
+    x = _checks.array(func, "x", x, ndim=4)
+    n, h, w, c = x.shape
+    out = _checks.output(func, out, (n, c))
+    _global_pool_forward(out, x.reshape(n, h * w, c), average)
+    return out
+
+
+def global_avg_pool2d(x, out=None):
+    """Mean over H and W: (N, H, W, C) -> (N, C)."""
+    return _global_pool("global_avg_pool2d", x, True, out)
+
+
+def global_max_pool2d(x, out=None):
+    """Max over H and W: (N, H, W, C) -> (N, C)."""
+    return _global_pool("global_max_pool2d", x, False, out)

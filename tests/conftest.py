@@ -1,0 +1,18 @@
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name: every test has its own fixed data."""
+    seed = sum(request.node.name.encode()) * 7919
+    return np.random.default_rng(seed)
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """float32 result against a float64 reference, relative to the reference's largest magnitude."""
+    actual = np.asarray(actual, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(np.abs(expected).max(), 1e-6)
+    err = np.abs(actual - expected).max() / scale
+    assert err <= rtol, f"max error {err:.3g} x largest reference magnitude (allowed {rtol:g})"

@@ -1,0 +1,81 @@
+"""Slow, obviously correct references for every kernel (float64, loops and einsum)."""
+import numpy as np
+
+
+def same_pads(size, kernel, stride):
+    """TensorFlow "same" padding for one axis: (before, after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d(x, w, bias=None, stride=1, padding="valid", relu=False, residual=None):
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    kh, kw, _, cout = w.shape
+    if padding == "same":
+        x = np.pad(x, ((0, 0), same_pads(x.shape[1], kh, stride), same_pads(x.shape[2], kw, stride), (0, 0)))
+    n, h, wd, _ = x.shape
+    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+    out = np.zeros((n, oh, ow, cout))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride, :]
+            out += np.einsum("nhwc,co->nhwo", patch, w[i, j])
+    if bias is not None:
+        out += bias
+    if residual is not None:
+        out += residual
+    return np.maximum(out, 0) if relu else out
+
+
+def batch_norm(x, gamma, beta, mean, var, epsilon):
+    y = (x.astype(np.float64) - mean) / np.sqrt(var.astype(np.float64) + epsilon)
+    if gamma is not None:
+        y = y * gamma
+    if beta is not None:
+        y = y + beta
+    return y
+
+
+def pool2d(x, pool, stride, padding, average):
+    """Loop over every window, keeping only the real (unpadded) pixels."""
+    n, h, w, c = x.shape
+    if padding == "same":
+        oh, ow = -(-h // stride[0]), -(-w // stride[1])
+        top, left = same_pads(h, pool[0], stride[0])[0], same_pads(w, pool[1], stride[1])[0]
+    else:
+        oh, ow = (h - pool[0]) // stride[0] + 1, (w - pool[1]) // stride[1] + 1
+        top = left = 0
+    out = np.zeros((n, oh, ow, c))
+    for y in range(oh):
+        for xx in range(ow):
+            rows = [r for r in range(y * stride[0] - top, y * stride[0] - top + pool[0]) if 0 <= r < h]
+            cols = [q for q in range(xx * stride[1] - left, xx * stride[1] - left + pool[1]) if 0 <= q < w]
+            window = x[:, rows][:, :, cols].astype(np.float64)
+            out[:, y, xx] = window.mean(axis=(1, 2)) if average else window.max(axis=(1, 2))
+    return out
+
+
+def im2col(x, kh, kw, stride):
+    n, h, w, c = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    rows = []
+    for b in range(n):
+        for y in range(oh):
+            for xx in range(ow):
+                rows.append(x[b, y * stride : y * stride + kh, xx * stride : xx * stride + kw, :].reshape(-1))
+    return np.array(rows)
+
+
+def softmax(x):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def dense(x, w, bias=None, relu=False):
+    out = x.astype(np.float64) @ w.astype(np.float64)
+    if bias is not None:
+        out += bias
+    return np.maximum(out, 0) if relu else out

@@ -1,0 +1,187 @@
+"""Every kernel against its slow reference in tests/naive.py."""
+import numpy as np
+import pytest
+
+import fastres.kernels as K
+from conftest import assert_close
+import naive
+
+CONV_CASES = [
+    # (n, h, w, cin, cout, kernel, stride, padding)
+    (2, 9, 11, 5, 7, 3, 1, "same"),
+    (3, 13, 8, 17, 70, 3, 2, "same"),
+    (1, 12, 12, 33, 130, 3, 2, "same"),
+    (2, 15, 15, 3, 64, 7, 2, "valid"),   # stem-like: goes through im2col
+    (2, 11, 14, 3, 19, 7, 2, "same"),
+    (2, 7, 9, 48, 65, 1, 1, "valid"),
+    (2, 9, 9, 40, 129, 1, 2, "valid"),
+    (1, 6, 5, 8, 3, 5, 1, "same"),
+    (2, 5, 6, 20, 10, 2, 2, "valid"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv2d_matches_naive(case, rng):
+    n, h, w, cin, cout, k, s, pad = case
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    kernel = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
+    bias = rng.standard_normal(cout, dtype=np.float32)
+    assert_close(K.conv2d(x, kernel, bias, strides=s, padding=pad), naive.conv2d(x, kernel, bias, s, pad))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:5], ids=lambda c: "x".join(map(str, c)))
+def test_conv2d_fused_residual_relu(case, rng):
+    n, h, w, cin, cout, k, s, pad = case
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    kernel = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
+    bias = rng.standard_normal(cout, dtype=np.float32)
+    packed = K.pack_conv2d(kernel)
+    expected_shape = naive.conv2d(x, kernel, stride=s, padding=pad).shape
+    residual = rng.standard_normal(expected_shape, dtype=np.float32) * 5
+    out = np.full(expected_shape, np.nan, np.float32)
+    result = K.conv2d(x, packed, bias, strides=s, padding=pad, relu=True, residual=residual, out=out)
+    assert result is out
+    expected = naive.conv2d(x, kernel, bias, s, pad, relu=True, residual=residual)
+    assert (expected == 0).any() and (expected > 0).any()
+    assert_close(out, expected)
+
+
+def test_conv2d_non_contiguous_input(rng):
+    base = rng.standard_normal((2, 19, 17, 24), dtype=np.float32)
+    x = base[:, ::2, 1::2, ::2]  # strided in every axis
+    assert not x.flags.c_contiguous
+    kernel = rng.standard_normal((3, 3, 12, 21), dtype=np.float32)
+    kernel_view = np.asfortranarray(kernel)
+    assert_close(K.conv2d(x, kernel_view, padding="same"), naive.conv2d(x, kernel, padding="same"))
+
+
+def test_packed_weights_layout(rng):
+    kernel = rng.standard_normal((3, 3, 10, 70), dtype=np.float32)
+    packed = K.pack_conv2d(kernel)
+    assert packed.panels.shape == (2, 90, 64)
+    assert packed.shape == (3, 3, 10, 70)
+    np.testing.assert_array_equal(packed.panels[1, :, :6], kernel.reshape(90, 70)[:, 64:])
+    assert not packed.panels[1, :, 6:].any()
+
+
+def test_cython_im2col_matches_numba_and_naive(rng):
+    x = rng.standard_normal((2, 11, 13, 3), dtype=np.float32)
+    expected = naive.im2col(x, 7, 5, 2)
+    cython_out = np.empty(expected.shape, np.float32)
+    numba_out = np.empty(expected.shape, np.float32)
+    K.im2col_forward(cython_out, x, 7, 5, 2)
+    K.im2col_numba(numba_out, x, 7, 5, 2)
+    np.testing.assert_array_equal(cython_out, expected)
+    np.testing.assert_array_equal(numba_out, expected)
+
+
+def test_cython_im2col_rejects_wrong_out(rng):
+    x = rng.standard_normal((1, 8, 8, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="out must have shape"):
+        K.im2col_forward(np.empty((5, 5), np.float32), x, 3, 3, 1)
+
+
+@pytest.mark.parametrize("scale,center", [(True, True), (False, True), (True, False), (False, False)])
+def test_batch_norm_matches_naive(scale, center, rng):
+    x = rng.standard_normal((2, 5, 7, 13), dtype=np.float32)
+    gamma = rng.uniform(0.5, 2, 13).astype(np.float32) if scale else None
+    beta = rng.standard_normal(13, dtype=np.float32) if center else None
+    mean = rng.standard_normal(13, dtype=np.float32)
+    var = rng.uniform(0.1, 3, 13).astype(np.float32)
+    assert_close(K.batch_norm(x, gamma, beta, mean, var, 1.001e-5), naive.batch_norm(x, gamma, beta, mean, var, 1.001e-5))
+    assert_close(K.batch_norm(x, gamma, beta, mean, var, 1e-3, relu=True),
+                 np.maximum(naive.batch_norm(x, gamma, beta, mean, var, 1e-3), 0))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_batch_norm_conv_and_dense(with_bias, rng):
+    x = rng.standard_normal((2, 6, 6, 9), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, 9, 11), dtype=np.float32)
+    bias = rng.standard_normal(11, dtype=np.float32) if with_bias else None
+    gamma, beta, mean = (rng.standard_normal(11, dtype=np.float32) for _ in range(3))
+    var = rng.uniform(0.2, 2, 11).astype(np.float32)
+    folded, new_bias = K.fold_batch_norm(kernel, bias, gamma, beta, mean, var, 1e-3)
+    expected = naive.batch_norm(naive.conv2d(x, kernel, bias, padding="same"), gamma, beta, mean, var, 1e-3)
+    assert_close(K.conv2d(x, folded, new_bias, padding="same"), expected)
+
+    feats = rng.standard_normal((3, 9), dtype=np.float32)
+    dense_kernel = rng.standard_normal((9, 11), dtype=np.float32)
+    folded, new_bias = K.fold_batch_norm(dense_kernel, bias, gamma, beta, mean, var, 1e-3)
+    expected = naive.batch_norm(naive.dense(feats, dense_kernel, bias), gamma, beta, mean, var, 1e-3)
+    assert_close(K.dense(feats, folded, new_bias), expected)
+
+
+def test_add_relu_relu_bias_add(rng):
+    a = rng.standard_normal((2, 5, 3, 7), dtype=np.float32)
+    b = rng.standard_normal((2, 5, 3, 7), dtype=np.float32)
+    bias = rng.standard_normal(7, dtype=np.float32)
+    np.testing.assert_array_equal(K.add_relu(a, b), np.maximum(a + b, 0))
+    np.testing.assert_array_equal(K.add_relu(a, b, relu=False), a + b)
+    np.testing.assert_array_equal(K.relu(a), np.maximum(a, 0))
+    np.testing.assert_allclose(K.bias_add(a, bias), a + bias, rtol=1e-6)
+    np.testing.assert_allclose(K.bias_add(a, bias, relu=True), np.maximum(a + bias, 0), rtol=1e-6)
+
+
+def test_relu_keeps_nan():
+    assert np.isnan(K.relu(np.array([np.nan, -1.0], np.float32))[0])
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("pool,stride", [((3, 3), (2, 2)), ((2, 2), (2, 2)), ((3, 2), (1, 2))])
+def test_pooling_matches_naive(padding, pool, stride, rng):
+    x = rng.standard_normal((2, 9, 8, 5), dtype=np.float32)
+    assert_close(K.max_pool2d(x, pool, stride, padding), naive.pool2d(x, pool, stride, padding, False))
+    assert_close(K.avg_pool2d(x, pool, stride, padding), naive.pool2d(x, pool, stride, padding, True))
+
+
+def test_pool_strides_default_to_pool_size(rng):
+    x = rng.standard_normal((1, 8, 8, 3), dtype=np.float32)
+    assert_close(K.avg_pool2d(x, 2), naive.pool2d(x, (2, 2), (2, 2), "valid", True))
+
+
+def test_global_pools(rng):
+    x = rng.standard_normal((3, 5, 7, 11), dtype=np.float32)
+    assert_close(K.global_avg_pool2d(x), x.astype(np.float64).mean(axis=(1, 2)))
+    assert_close(K.global_max_pool2d(x), x.astype(np.float64).max(axis=(1, 2)))
+
+
+def test_zero_pad2d(rng):
+    x = rng.standard_normal((2, 4, 5, 3), dtype=np.float32)
+    expected = np.pad(x, ((0, 0), (1, 2), (3, 0), (0, 0)))
+    np.testing.assert_array_equal(K.zero_pad2d(x, ((1, 2), (3, 0))), expected)
+    np.testing.assert_array_equal(K.zero_pad2d(x, 2), np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))))
+    np.testing.assert_array_equal(K.zero_pad2d(x, (1, 0)), np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_dense_matches_naive(relu, rng):
+    x = rng.standard_normal((5, 130), dtype=np.float32)
+    w = rng.standard_normal((130, 70), dtype=np.float32)
+    bias = rng.standard_normal(70, dtype=np.float32)
+    assert_close(K.dense(x, w, bias, relu=relu), naive.dense(x, w, bias, relu))
+    assert_close(K.dense(x, K.pack_conv2d(w), bias, relu=relu), naive.dense(x, w, bias, relu))
+
+
+def test_softmax_is_stable(rng):
+    x = (rng.standard_normal((4, 9)) * 50 + 1000).astype(np.float32)
+    out = K.softmax(x)
+    assert np.isfinite(out).all()
+    assert_close(out, naive.softmax(x))
+
+
+def test_num_threads_control():
+    before = K.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        assert K.get_num_threads() == 1
+    finally:
+        K.set_num_threads(before)
+    with pytest.raises(ValueError, match="n must be between"):
+        K.set_num_threads(0)
+    with pytest.raises(ValueError, match="n must be an int"):
+        K.set_num_threads(1.5)
+
+
+def test_threading_layer_is_omp(rng):
+    K.relu(rng.standard_normal(10, dtype=np.float32))
+    assert K.threading_layer() == "omp"

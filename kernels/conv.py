@@ -80,7 +80,7 @@ def pack_conv2d(w):
 
 
 @pjit
-def _conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
+def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
     """Direct convolution of a padded NHWC input with packed weights.
 
     Parameters
@@ -154,7 +154,7 @@ def _conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
 
 
 @pjit
-def _zero_pad_forward(out, inp, top, left):
+def zero_pad_forward(out, inp, top, left):
     """Copy ``inp`` into the middle of ``out`` and zero the border.
 
     Parameters
@@ -195,7 +195,7 @@ def zero_pad2d(x, padding, out=None):
     (top, bottom), (left, right) = _pad_amounts(padding)
     n, h, w, c = x.shape
     out = _checks.output("zero_pad2d", out, (n, h + top + bottom, w + left + right, c))
-    _zero_pad_forward(out, x, top, left)
+    zero_pad_forward(out, x, top, left)
     return out
 
 
@@ -242,7 +242,54 @@ def im2col_numba(out, inp, kernel_h, kernel_w, stride):
                         col += 1
 
 
-_NO_RESIDUAL = np.zeros((0, 0, 0, 0), np.float32)
+NO_RESIDUAL = np.zeros((0, 0, 0, 0), np.float32)
+
+
+class Conv2DPlan:
+    """A packed convolution prepared for one input shape, with its scratch buffers.
+
+    ``conv2d`` makes one per call; the engine makes one per layer at plan time and
+    calls it on every forward pass.  Calling it checks nothing.
+
+    Parameters
+    ----------
+    packed : PackedConv2D
+    input_shape : (N, H, W, Cin)
+    stride : int
+    pads : (top, bottom, left, right) rows/columns of zeros around the input
+    """
+
+    def __init__(self, packed, input_shape, stride, pads):
+        n, h, w, _ = input_shape
+        top, bottom, left, right = pads
+        (kh, kw), cin = packed.kernel_size, packed.in_channels
+        self.packed, self.stride, self.pads = packed, stride, pads
+        hp, wp = h + top + bottom, w + left + right
+        self.output_shape = (n, (hp - kh) // stride + 1, (wp - kw) // stride + 1, packed.out_channels)
+        self.padded = np.zeros((n, hp, wp, cin), np.float32) if any(pads) else None
+        oh, ow = self.output_shape[1:3]
+        self.cols = np.empty((n * oh * ow, kh * kw * cin), np.float32) if packed.im2col else None
+
+    def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
+        """``out = relu?(conv(x) + bias + residual)``.
+
+        Parameters
+        ----------
+        out : float32 (N, OH, OW, Cout), C-contiguous
+        x : float32 (N, H, W, Cin), C-contiguous
+        bias : float32 (Cout,)
+        residual : float32 (N, OH, OW, Cout) or NO_RESIDUAL
+        relu : bool
+        """
+        (kh, kw), stride = self.packed.kernel_size, self.stride
+        if self.padded is not None:
+            zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
+            x = self.padded
+        if self.cols is not None:
+            im2col_forward(self.cols, x, kh, kw, stride)
+            x, kw, stride = self.cols.reshape(*out.shape[:3], -1), 1, 1
+        conv2d_forward(out, x, self.packed.panels, bias, residual, kw, stride, relu)
+        return out
 
 
 def conv2d(x, w, bias=None, strides=1, padding="valid", relu=False, residual=None, out=None):
@@ -281,20 +328,13 @@ def conv2d(x, w, bias=None, strides=1, padding="valid", relu=False, residual=Non
     if bias is None:
         bias = np.zeros(cout, np.float32)
     if residual is None:
-        residual = _NO_RESIDUAL
+        residual = NO_RESIDUAL
     else:
         residual = _checks.array("conv2d", "residual", residual, ndim=4)
         if residual.shape != (n, oh, ow, cout):
             raise ValueError(f"conv2d: residual must have shape {(n, oh, ow, cout)}, got {residual.shape}")
     out = _checks.output("conv2d", out, (n, oh, ow, cout))
-    if top or bottom or left or right:
-        x = zero_pad2d(x, ((top, bottom), (left, right)))
-    if packed.im2col:
-        cols = np.empty((n * oh * ow, kh * kw * cin), np.float32)
-        im2col_forward(cols, x, kh, kw, sh)
-        x, kw, sh = cols.reshape(n, oh, ow, -1), 1, 1
-    _conv2d_forward(out, x, packed.panels, bias, residual, kw, sh, bool(relu))
-    return out
+    return Conv2DPlan(packed, x.shape, sh, (top, bottom, left, right))(out, x, bias, residual, bool(relu))
 
 
 def dense(x, w, bias=None, relu=False, out=None):

@@ -11,7 +11,7 @@ from ._numba import jit, pjit
 
 
 @pjit
-def _scale_shift_forward(out, inp, scale, shift, relu):
+def scale_shift_forward(out, inp, scale, shift, relu):
     """``out = relu?(inp * scale + shift)`` along the last axis.
 
     Parameters
@@ -31,7 +31,7 @@ def _scale_shift_forward(out, inp, scale, shift, relu):
 
 
 @pjit
-def _add_forward(out, a, b, relu):
+def add_forward(out, a, b, relu):
     """``out = relu?(a + b)``, flat.
 
     Parameters
@@ -47,7 +47,7 @@ def _add_forward(out, a, b, relu):
 
 
 @pjit
-def _relu_forward(out, inp):
+def relu_forward(out, inp):
     """``out = max(inp, 0)``, flat.
 
     Parameters
@@ -59,7 +59,7 @@ def _relu_forward(out, inp):
 
 
 @jit
-def _softmax_forward(out, inp):
+def softmax_forward(out, inp):
     """Numerically stable softmax over the last axis.
 
     Parameters
@@ -123,7 +123,7 @@ def batch_norm(x, gamma, beta, mean, var, epsilon=1e-3, relu=False, out=None):
     x, rows = _channels_last("batch_norm", x)
     scale, shift = batch_norm_params("batch_norm", x.shape[-1], gamma, beta, mean, var, epsilon)
     out = _checks.output("batch_norm", out, x.shape)
-    _scale_shift_forward(out.reshape(rows.shape), rows, scale, shift, bool(relu))
+    scale_shift_forward(out.reshape(rows.shape), rows, scale, shift, bool(relu))
     return out
 
 
@@ -158,7 +158,7 @@ def bias_add(x, bias, relu=False, out=None):
     if bias is None:
         raise ValueError("bias_add: bias is required")
     out = _checks.output("bias_add", out, x.shape)
-    _scale_shift_forward(out.reshape(rows.shape), rows, np.ones_like(bias), bias, bool(relu))
+    scale_shift_forward(out.reshape(rows.shape), rows, np.ones_like(bias), bias, bool(relu))
     return out
 
 
@@ -169,7 +169,7 @@ def add_relu(a, b, relu=True, out=None):
     if a.shape != b.shape:
         raise ValueError(f"add_relu: a and b must have the same shape, got {a.shape} and {b.shape}")
     out = _checks.output("add_relu", out, a.shape)
-    _add_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1), bool(relu))
+    add_forward(out.reshape(-1), a.reshape(-1), b.reshape(-1), bool(relu))
     return out
 
 
@@ -177,7 +177,7 @@ def relu(x, out=None):
     """``out = max(x, 0)``; NaN stays NaN."""
     x = _checks.array("relu", "x", x)
     out = _checks.output("relu", out, x.shape)
-    _relu_forward(out.reshape(-1), x.reshape(-1))
+    relu_forward(out.reshape(-1), x.reshape(-1))
     return out
 
 
@@ -185,5 +185,5 @@ def softmax(x, out=None):
     """Softmax over the last axis, stable for large logits."""
     x, rows = _channels_last("softmax", x)
     out = _checks.output("softmax", out, x.shape)
-    _softmax_forward(out.reshape(rows.shape), rows)
+    softmax_forward(out.reshape(rows.shape), rows)
     return out

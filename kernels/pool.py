@@ -13,7 +13,7 @@ from ._numba import pjit
 
 
 @pjit
-def _pool2d_forward(out, inp, pool, stride, pad, average):
+def pool2d_forward(out, inp, pool, stride, pad, average):
     """Windowed max or average pooling over real pixels only.
 
     Parameters
@@ -52,7 +52,7 @@ def _pool2d_forward(out, inp, pool, stride, pad, average):
 
 
 @pjit
-def _global_pool_forward(out, inp, average):
+def global_pool_forward(out, inp, average):
     """Mean or max over the spatial axes.
 
     Parameters
@@ -86,7 +86,7 @@ def _pool2d(func, x, pool_size, strides, padding, average, out):
     oh, top, _ = _checks.output_size(func, h, pool[0], stride[0], mode)
     ow, left, _ = _checks.output_size(func, w, pool[1], stride[1], mode)
     out = _checks.output(func, out, (n, oh, ow, c))
-    _pool2d_forward(out, x, pool, stride, (top, left), average)
+    pool2d_forward(out, x, pool, stride, (top, left), average)
     return out
 
 
@@ -116,7 +116,7 @@ def _global_pool(func, x, average, out):
     x = _checks.array(func, "x", x, ndim=4)
     n, h, w, c = x.shape
     out = _checks.output(func, out, (n, c))
-    _global_pool_forward(out, x.reshape(n, h * w, c), average)
+    global_pool_forward(out, x.reshape(n, h * w, c), average)
     return out
 
 

@@ -1,0 +1,273 @@
+"""``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
+import threading
+
+import numpy as np
+
+from . import architectures, kernels as K
+from .errors import FastresError, InputError, ModelFormatError
+from .graph import attach_weights, fuse, infer_shapes, parse_config
+from .kerasfile import read_model_file
+
+
+def load(path, architecture=None, threads=None, classifier_activation="softmax"):
+    """Load a Keras model file and return a Model that runs it with fastres's kernels.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A Keras 2 or 3 full-model ``.h5``, a Keras 3 ``.keras``, or a weights-only ``.h5``.
+    architecture : "resnet50", "resnet101" or "resnet152", for a weights-only file only.
+    threads : int, optional
+        Threads for the kernels (``fastres.set_num_threads``); default: all cores.
+    classifier_activation : "softmax" or None
+        For a weights-only file: the last layer's activation (None gives logits),
+        as keras.applications' argument of the same name.
+    """
+    if threads is not None:
+        set_num_threads(threads)
+    data = read_model_file(path)
+    if data.config is None:
+        if architecture is None:
+            raise ModelFormatError(f"{path} holds weights only; pass architecture= (one of "
+                                   f"{', '.join(architectures.BLOCKS)})")
+        if classifier_activation not in (None, "linear", "softmax"):
+            raise FastresError(f"classifier_activation must be 'softmax' or None, got {classifier_activation!r}")
+        layers = architectures.build(architecture, data.weights, classifier_activation or "linear")
+        input_shape, output = (None, None, 3), layers[-1].name
+    else:
+        if architecture is not None:
+            raise FastresError(f"{path} is a full model; architecture= is only for weights-only files")
+        layers, input_shape = parse_config(data.config)
+        output = layers[-1].name
+    try:
+        attach_weights(layers, data.weights, input_shape)
+    except ValueError as exc:
+        raise ModelFormatError(f"the model does not fit its own input shape {input_shape}: {exc}") from None
+    return Model(layers, output, input_shape, data.format, data.keras_version, str(path))
+
+
+def set_num_threads(n):
+    """Set the number of threads of the kernels (1 .. cores); raises FastresError otherwise."""
+    try:
+        K.set_num_threads(n)
+    except ValueError as exc:
+        raise FastresError(str(exc)) from None
+
+
+class Model:
+    """A loaded model.  ``predict`` is safe to call from several threads at once."""
+
+    def __init__(self, layers, output, input_shape, file_format, keras_version, path):
+        self.layers = layers                       # as in the file, with their weights
+        self.file_format, self.keras_version, self.path = file_format, keras_version, path
+        self._input_shape = tuple(input_shape)
+        self._ops, self._output = fuse(layers, output)
+        self._packed = {op.name: K.pack_conv2d(op.weights[0]) for op in self._ops if op.kind in ("Conv2D", "Dense")}
+        self._bias = {op.name: (op.weights[1] if len(op.weights) > 1 else np.zeros(op.weights[0].shape[-1], np.float32))
+                      for op in self._ops if op.kind in ("Conv2D", "Dense")}
+        self._local = threading.local()
+
+    @property
+    def input_shape(self):
+        """(None, H, W, C); H and W are None when any size is accepted."""
+        return (None, *self._input_shape)
+
+    @property
+    def output_shape(self):
+        return (None, *infer_shapes(self._ops, self._input_shape)[self._output])
+
+    @property
+    def operations(self):
+        """The fused operations that run, in order (name, kind, folded layers)."""
+        return [(op.name, op.kind, tuple(op.folded)) for op in self._ops]
+
+    def summary(self, print_fn=print):
+        """Print each layer of the file with its output shape and parameter count."""
+        shapes = infer_shapes(self.layers, self._input_shape)
+        rows = [(l.name, l.kind, str((None, *shapes[l.name])), sum(w.size for w in l.weights)) for l in self.layers]
+        width = max(len(r[0]) + len(r[1]) for r in rows) + 3
+        lines = [f"{'layer (class)':{width}s} {'output shape':22s} params"]
+        lines += [f"{f'{n} ({k})':{width}s} {s:22s} {p:,}" for n, k, s, p in rows]
+        lines.append(f"total parameters: {sum(r[3] for r in rows):,}; "
+                     f"{len(self._ops)} fused operations after folding and fusion")
+        text = "\n".join(lines)
+        print_fn(text)
+        return text
+
+    # ------------------------------------------------------------------ predict
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"x cannot be converted to an array: {exc}") from None
+        if x.dtype.kind not in "fiub":
+            raise InputError(f"x has dtype {x.dtype}; expected float32 (or a real numeric type to convert)")
+        expected = "(N, " + ", ".join("H" if d is None else str(d) for d in self._input_shape[:2]) + f", {self._input_shape[2]})"
+        if x.ndim != 4:
+            raise InputError(f"x has shape {x.shape}; expected a batch of images {expected}")
+        for axis, (got, want) in enumerate(zip(x.shape[1:], self._input_shape), start=1):
+            if want is not None and got != want:
+                raise InputError(f"x has shape {x.shape}; expected {expected} (axis {axis} is {got}, not {want})")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def predict(self, x, batch_size=None):
+        """Run the model on ``x`` (N, H, W, C) and return its output (N, ...) as float32.
+
+        ``batch_size`` splits a large batch into runs of at most that many images.
+        """
+        x = self._check_input(x)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        n = x.shape[0]
+        step = n if batch_size is None else batch_size
+        if n == 0:
+            return np.empty((0, *self._plan_shapes(x.shape)[self._output]), np.float32)
+        parts = [self._run(x[i:i + step]) for i in range(0, n, max(step, 1))]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _plan_shapes(self, shape):
+        try:
+            return infer_shapes(self._ops, shape[1:])
+        except ValueError as exc:
+            raise InputError(f"x has shape {shape}, too small for this model: {exc}") from None
+
+    def _run(self, x):
+        plans = getattr(self._local, "plans", None)
+        if plans is None:
+            plans = self._local.plans = {}
+        plan = plans.get(x.shape)
+        if plan is None:
+            if len(plans) >= 4:  # keep the memory of a few input shapes per thread
+                plans.pop(next(iter(plans)))
+            plan = plans[x.shape] = Plan(self, x.shape)
+        return plan.run(x)
+
+
+class Plan:
+    """One forward pass for one input shape: every buffer allocated once, steps bound to them."""
+
+    def __init__(self, model, shape):
+        ops, output = model._ops, model._output
+        shapes = model._plan_shapes(shape)
+        n = shape[0]
+        last_use = {}
+        for i, op in enumerate(ops):
+            for name in op.inputs + ([op.residual] if op.residual else []):
+                last_use[name] = i
+        last_use[output] = len(ops)
+        free, values, self.steps = [], {}, []
+        storage_of, users = {}, {}
+
+        def allocate(name, alias=None):
+            size = int(np.prod((n, *shapes[name])))
+            if alias is not None:
+                store = storage_of[alias]
+            else:
+                fits = [i for i, s in enumerate(free) if s.size >= size]
+                if fits:
+                    store = free.pop(min(fits, key=lambda i: free[i].size))
+                else:
+                    store = np.empty(size, np.float32)
+            storage_of[name] = store
+            users.setdefault(id(store), set()).add(name)
+            values[name] = store[:size].reshape((n, *shapes[name]))
+            return values[name]
+
+        def release(i):
+            for name in list(values):
+                if last_use.get(name, -1) == i and name != output:
+                    store = storage_of[name]
+                    users[id(store)].discard(name)
+                    if not users[id(store)]:
+                        free.append(store)
+
+        for i, op in enumerate(ops):
+            if op.kind == "InputLayer":
+                self.input = allocate(op.name)
+                continue
+            ins = [values[name] for name in op.inputs]
+            if op.kind == "Flatten" or (op.kind in ("Activation", "ReLU") and op.attrs["activation"] == "linear"):
+                allocate(op.name, alias=op.inputs[0])
+                values[op.name] = ins[0].reshape(values[op.name].shape)
+            else:
+                out = allocate(op.name)
+                self.steps.extend(_steps(model, op, ins, out, values.get(op.residual)))
+            release(i)
+        self.output = values[output]
+
+    def run(self, x):
+        self.input[...] = x
+        for step in self.steps:
+            step()
+        return self.output.copy()
+
+
+def _steps(model, op, ins, out, residual):
+    """The kernel calls of one fused operation, as closures over its buffers."""
+    x, kind, a, act = ins[0] if ins else None, op.kind, op.attrs, op.activation
+    relu = act == "relu"
+    steps = []
+    if kind in ("Conv2D", "Dense"):
+        packed, bias = model._packed[op.name], model._bias[op.name]
+        if kind == "Dense":
+            x4, out4 = x.reshape(-1, 1, 1, x.shape[-1]), out.reshape(-1, 1, 1, out.shape[-1])
+            pads, stride = (0, 0, 0, 0), 1
+        else:
+            x4, out4, stride = x, out, a["stride"]
+            t, b, l, r = op.pads
+            if a["padding"] == "same":
+                _, pt, pb = K._checks.same_padding(x.shape[1] + t + b, a["kernel"][0], stride)
+                _, pl, pr = K._checks.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
+                t, b, l, r = t + pt, b + pb, l + pl, r + pr
+            pads = (t, b, l, r)
+        conv = K.Conv2DPlan(packed, x4.shape, stride, pads)
+        res = K.NO_RESIDUAL if residual is None else residual
+        steps.append(lambda: conv(out4, x4, bias, res, relu))
+    elif kind == "BatchNormalization":
+        w = iter(op.weights)
+        gamma = next(w) if a["scale"] else None
+        beta = next(w) if a["center"] else None
+        scale, shift = K.batch_norm_params(op.name, x.shape[-1], gamma, beta, next(w), next(w), a["epsilon"])
+        rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
+        steps.append(lambda: K.scale_shift_forward(rows_out, rows_in, scale, shift, relu))
+    elif kind in ("Activation", "ReLU"):
+        flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+        if a["activation"] == "relu":
+            steps.append(lambda: K.relu_forward(flat_out, flat_in))
+        else:  # softmax
+            rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
+            steps.append(lambda: K.softmax_forward(rows_out, rows_in))
+    elif kind == "Add":
+        flat_out = out.reshape(-1)
+        first, rest = ins[0].reshape(-1), [i.reshape(-1) for i in ins[1:]]
+        for j, other in enumerate(rest):
+            src = first if j == 0 else flat_out
+            last = j == len(rest) - 1
+            steps.append(lambda src=src, other=other, last=last: K.add_forward(flat_out, src, other, relu and last))
+    elif kind in ("MaxPooling2D", "AveragePooling2D"):
+        (ph, pw), (sh, sw) = a["pool"], a["stride"]
+        top = left = 0
+        if a["padding"] == "same":
+            top = K._checks.same_padding(x.shape[1], ph, sh)[1]
+            left = K._checks.same_padding(x.shape[2], pw, sw)[1]
+        average = kind == "AveragePooling2D"
+        steps.append(lambda: K.pool2d_forward(out, x, (ph, pw), (sh, sw), (top, left), average))
+    elif kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        average = kind == "GlobalAveragePooling2D"
+        x3, out2 = x.reshape(x.shape[0], -1, x.shape[3]), out.reshape(out.shape[0], -1)
+        steps.append(lambda: K.global_pool_forward(out2, x3, average))
+    elif kind == "ZeroPadding2D":
+        t, _, l, _ = a["pads"]
+        steps.append(lambda: K.zero_pad_forward(out, x, t, l))
+    else:
+        raise ModelFormatError(f"internal: no kernel for {kind} layer {op.name!r}")
+    if act == "softmax":
+        rows = out.reshape(-1, out.shape[-1])
+        steps.append(lambda: K.softmax_forward(rows, rows))
+    elif relu and kind in ("ZeroPadding2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
+                           "GlobalMaxPooling2D"):
+        flat = out.reshape(-1)
+        steps.append(lambda: K.relu_forward(flat, flat))
+    return steps

@@ -1,0 +1,145 @@
+"""Reference Keras models built in the tests (fixed seeds, batch-norm statistics randomised).
+
+``keras2()`` is tf_keras (the Keras 2 file format), ``keras3()`` is Keras 3.
+"""
+import os
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def keras2():
+    import tf_keras
+    return tf_keras
+
+
+def keras3():
+    import keras
+    return keras
+
+
+def seed(keras, value=0):
+    keras.utils.set_random_seed(value)
+
+
+def randomize_batch_norm(model, seed_value=0):
+    """Give every BatchNormalization non-trivial statistics so that folding is exercised."""
+    rng = np.random.default_rng(seed_value)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            new = []
+            for w in layer.weights:
+                name = w.name.split("/")[-1].split(":")[0]
+                shape = tuple(w.shape)
+                if name == "gamma":
+                    new.append(rng.uniform(0.5, 1.5, shape))
+                elif name == "beta":
+                    new.append(rng.normal(0, 0.2, shape))
+                elif name == "moving_mean":
+                    new.append(rng.normal(0, 0.2, shape))
+                else:
+                    new.append(rng.uniform(0.5, 2.0, shape))
+            layer.set_weights([a.astype(np.float32) for a in new])
+    return model
+
+
+def course_resnet50(keras, input_shape=(64, 64, 3), classes=6, activation=None):
+    """The classic course ResNet50: res2a_branch2a / bn2a_branch2a names, AveragePooling2D(2) + Flatten + Dense."""
+    L = keras.layers
+    init = keras.initializers.GlorotUniform(seed=0)
+
+    def identity_block(x, f, filters, stage, block):
+        conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
+        f1, f2, f3 = filters
+        shortcut = x
+        x = L.Conv2D(f1, 1, padding="valid", name=conv + "2a", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2a")(x)
+        x = L.Activation("relu")(x)
+        x = L.Conv2D(f2, f, padding="same", name=conv + "2b", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2b")(x)
+        x = L.Activation("relu")(x)
+        x = L.Conv2D(f3, 1, padding="valid", name=conv + "2c", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2c")(x)
+        x = L.Add()([x, shortcut])
+        return L.Activation("relu")(x)
+
+    def conv_block(x, f, filters, stage, block, s=2):
+        conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
+        f1, f2, f3 = filters
+        shortcut = x
+        x = L.Conv2D(f1, 1, strides=s, padding="valid", name=conv + "2a", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2a")(x)
+        x = L.Activation("relu")(x)
+        x = L.Conv2D(f2, f, padding="same", name=conv + "2b", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2b")(x)
+        x = L.Activation("relu")(x)
+        x = L.Conv2D(f3, 1, padding="valid", name=conv + "2c", kernel_initializer=init)(x)
+        x = L.BatchNormalization(axis=3, name=bn + "2c")(x)
+        shortcut = L.Conv2D(f3, 1, strides=s, padding="valid", name=conv + "1", kernel_initializer=init)(shortcut)
+        shortcut = L.BatchNormalization(axis=3, name=bn + "1")(shortcut)
+        x = L.Add()([x, shortcut])
+        return L.Activation("relu")(x)
+
+    inp = keras.Input(input_shape)
+    x = L.ZeroPadding2D((3, 3))(inp)
+    x = L.Conv2D(64, 7, strides=2, name="conv1", kernel_initializer=init)(x)
+    x = L.BatchNormalization(axis=3, name="bn_conv1")(x)
+    x = L.Activation("relu")(x)
+    x = L.MaxPooling2D((3, 3), strides=(2, 2))(x)
+    x = conv_block(x, 3, [64, 64, 256], 2, "a", s=1)
+    x = identity_block(x, 3, [64, 64, 256], 2, "b")
+    x = identity_block(x, 3, [64, 64, 256], 2, "c")
+    x = conv_block(x, 3, [128, 128, 512], 3, "a")
+    for b in "bcd":
+        x = identity_block(x, 3, [128, 128, 512], 3, b)
+    x = conv_block(x, 3, [256, 256, 1024], 4, "a")
+    for b in "bcdef":
+        x = identity_block(x, 3, [256, 256, 1024], 4, b)
+    x = conv_block(x, 3, [512, 512, 2048], 5, "a")
+    x = identity_block(x, 3, [512, 512, 2048], 5, "b")
+    x = identity_block(x, 3, [512, 512, 2048], 5, "c")
+    x = L.AveragePooling2D((2, 2), name="avg_pool")(x)
+    x = L.Flatten()(x)
+    x = L.Dense(classes, activation=activation, name=f"fc{classes}", kernel_initializer=init)(x)
+    return keras.Model(inp, x, name="ResNet50")
+
+
+def applications_resnet(keras, depth=50, input_shape=(224, 224, 3), classes=1000):
+    """keras.applications ResNet{50,101,152} with random weights and logits out."""
+    make = {50: keras.applications.ResNet50, 101: keras.applications.ResNet101, 152: keras.applications.ResNet152}[depth]
+    return make(weights=None, input_shape=input_shape, classes=classes, classifier_activation=None)
+
+
+def small_sequential(keras):
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((13, 11, 3)),
+        L.Conv2D(8, 3, activation="relu"),
+        L.BatchNormalization(),
+        L.MaxPooling2D(2),
+        L.Conv2D(12, 1, use_bias=False),
+        L.ReLU(),
+        L.Flatten(),
+        L.Dense(7, activation="relu"),
+        L.Dense(5),
+    ])
+
+
+def rare_options(keras):
+    """Same-padding stride-2 conv, BN without scale (and without center), GlobalMaxPooling2D, AveragePooling same."""
+    L = keras.layers
+    inp = keras.Input((15, 14, 5))
+    x = L.Conv2D(16, 3, strides=2, padding="same")(inp)
+    x = L.BatchNormalization(scale=False, epsilon=0.01)(x)
+    y = L.Activation("relu")(x)
+    z = L.Conv2D(16, 1, padding="valid", use_bias=False)(y)
+    z = L.BatchNormalization(center=False)(z)
+    x = L.Add()([y, z])
+    x = L.ReLU()(x)
+    x = L.AveragePooling2D(3, strides=2, padding="same")(x)
+    x = L.Conv2D(9, 2, strides=2, padding="same", activation="relu")(x)
+    x = L.BatchNormalization()(x)         # after a relu: cannot be folded, runs as its own kernel
+    x = L.GlobalMaxPooling2D()(x)
+    x = L.Dense(4)(x)
+    return keras.Model(inp, x)

@@ -1,0 +1,233 @@
+"""fastres.load(...).predict against TensorFlow on real Keras models and files, logits compared."""
+import subprocess
+import sys
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+import fastres
+import keras_models as km
+
+
+def assert_matches(result, expected):
+    """Max abs difference within 1e-4 of the reference's largest magnitude, and the same argmax."""
+    expected = np.asarray(expected, np.float64)
+    assert result.dtype == np.float32 and result.shape == expected.shape
+    scale = np.abs(expected).max()
+    err = np.abs(result - expected).max()
+    assert err <= 1e-4 * scale, f"max difference {err:.3g} against largest reference {scale:.3g}"
+    np.testing.assert_array_equal(result.argmax(axis=-1), expected.argmax(axis=-1))
+
+
+def images(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+# ------------------------------------------------------------------ the course ResNet50
+
+@pytest.mark.parametrize("version,suffix", [("keras2", ".h5"), ("keras3", ".h5"), ("keras3", ".keras")])
+def test_course_resnet50(version, suffix, files):
+    keras = getattr(km, version)()
+    km.seed(keras, 1)
+    model = km.randomize_batch_norm(km.course_resnet50(keras), seed_value=1)
+    path = files / f"course_{version}{suffix}"
+    model.save(path)
+    x = images((3, 64, 64, 3), seed=2)
+    fr = fastres.load(path)
+    assert fr.input_shape == (None, 64, 64, 3) and fr.output_shape == (None, 6)
+    assert fr.file_format == {"keras2": "keras2-h5", "keras3": "keras3-h5" if suffix == ".h5" else "keras3-zip"}[version]
+    assert_matches(fr.predict(x), model(x, training=False))
+    assert "res2a_branch2a" in fr.summary(print_fn=lambda s: None)
+    # every batch-norm is folded and every Add fused into a convolution
+    kinds = [kind for _, kind, _ in fr.operations]
+    assert "BatchNormalization" not in kinds and "Add" not in kinds and "Activation" not in kinds
+
+
+def test_course_resnet50_softmax_output(files):
+    keras = km.keras2()
+    km.seed(keras, 3)
+    model = km.randomize_batch_norm(km.course_resnet50(keras, activation="softmax"), seed_value=3)
+    path = files / "course_softmax.h5"
+    model.save(path)
+    x = images((2, 64, 64, 3), seed=4)
+    probs = fastres.load(path).predict(x)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+    assert_matches(probs, model(x, training=False))
+
+
+# ------------------------------------------------------------------ keras.applications
+
+@pytest.mark.parametrize("depth,size,batch,version", [
+    (50, 224, 1, "keras3"), (50, 96, 2, "keras2"), (101, 64, 2, "keras3"), (152, 64, 1, "keras2"),
+])
+def test_applications_resnet(depth, size, batch, version, files):
+    keras = getattr(km, version)()
+    km.seed(keras, depth)
+    model = km.randomize_batch_norm(km.applications_resnet(keras, depth, (size, size, 3), classes=10), seed_value=depth)
+    path = files / f"resnet{depth}_{size}_{version}{'.keras' if version == 'keras3' else '.h5'}"
+    model.save(path)
+    x = images((batch, size, size, 3), seed=depth)
+    assert_matches(fastres.load(path).predict(x), model(x, training=False))
+
+
+def test_resnet101_at_224(files):
+    keras = km.keras2()
+    km.seed(keras, 7)
+    model = km.randomize_batch_norm(km.applications_resnet(keras, 101, (224, 224, 3)), seed_value=7)
+    path = files / "resnet101_224.h5"
+    model.save(path)
+    x = images((1, 224, 224, 3), seed=7)
+    assert_matches(fastres.load(path).predict(x), model(x, training=False))
+
+
+# ------------------------------------------------------------------ weights-only files
+
+def test_weights_only_applications_layout(files):
+    keras = km.keras2()
+    km.seed(keras, 11)
+    model = km.randomize_batch_norm(km.applications_resnet(keras, 50, (224, 224, 3), classes=12), seed_value=11)
+    path = files / "resnet50_weights.h5"
+    model.save_weights(path)
+    fr = fastres.load(path, architecture="resnet50", classifier_activation=None)
+    assert fr.input_shape == (None, None, None, 3) and fr.output_shape == (None, 12)
+    x = images((1, 224, 224, 3), seed=11)
+    assert_matches(fr.predict(x), model(x, training=False))
+    smaller = km.applications_resnet(keras, 50, (80, 80, 3), classes=12)  # the input size is free
+    smaller.load_weights(path)
+    x = images((2, 80, 80, 3), seed=12)
+    assert_matches(fr.predict(x), smaller(x, training=False))
+
+
+def test_weights_only_classic_layout(files):
+    keras = km.keras2()
+    km.seed(keras, 12)
+    model = km.randomize_batch_norm(km.course_resnet50(keras), seed_value=12)
+    path = files / "course_weights.h5"
+    model.save_weights(path)
+    x = images((2, 64, 64, 3), seed=12)
+    assert_matches(fastres.load(path, architecture="resnet50", classifier_activation=None).predict(x),
+                   model(x, training=False))
+    probs = fastres.load(path, architecture="resnet50").predict(x)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_weights_only_needs_architecture(files):
+    path = files / "course_weights.h5"
+    if not path.exists():
+        pytest.skip("made by test_weights_only_classic_layout")  # same module, runs first
+    with pytest.raises(fastres.ModelFormatError, match="weights only; pass architecture="):
+        fastres.load(path)
+    with pytest.raises(fastres.ModelFormatError, match="unknown architecture"):
+        fastres.load(path, architecture="vgg16")
+    with pytest.raises(fastres.ModelFormatError, match="lack .* layers of resnet101"):
+        fastres.load(path, architecture="resnet101")
+
+
+# ------------------------------------------------------------------ small models and rare options
+
+@pytest.mark.parametrize("version", ["keras2", "keras3"])
+@pytest.mark.parametrize("build,shape", [(km.small_sequential, (13, 11, 3)), (km.rare_options, (15, 14, 5))])
+def test_small_models(version, build, shape, files):
+    keras = getattr(km, version)()
+    km.seed(keras, 5)
+    model = km.randomize_batch_norm(build(keras), seed_value=5)
+    path = files / f"{build.__name__}_{version}.h5"
+    model.save(path)
+    x = images((3, *shape), seed=5)
+    assert_matches(fastres.load(path).predict(x), model(x, training=False))
+
+
+def test_split_attributes(files):
+    """HDF5 splits long attributes into layer_names0, layer_names1, ...; fastres joins them."""
+    keras = km.keras2()
+    km.seed(keras, 6)
+    model = km.randomize_batch_norm(km.rare_options(keras), seed_value=6)
+    path = files / "split.h5"
+    model.save(path)
+    with h5py.File(path, "r+") as f:
+        for group in [f["model_weights"]] + [f["model_weights"][n] for n in f["model_weights"]]:
+            for attr in ("layer_names", "weight_names"):
+                if attr in group.attrs and len(group.attrs[attr]) > 1:
+                    values = list(group.attrs[attr])
+                    del group.attrs[attr]
+                    group.attrs[attr + "0"] = values[: len(values) // 2]
+                    group.attrs[attr + "1"] = values[len(values) // 2 :]
+    x = images((2, 15, 14, 5), seed=6)
+    assert_matches(fastres.load(path).predict(x), model(x, training=False))
+
+
+# ------------------------------------------------------------------ engine behaviour
+
+@pytest.fixture(scope="module")
+def small(files):
+    keras = km.keras3()
+    km.seed(keras, 8)
+    model = km.randomize_batch_norm(km.rare_options(keras), seed_value=8)
+    path = files / "small.keras"
+    model.save(path)
+    return model, path
+
+
+def test_batches_dtypes_and_empty(small):
+    model, path = small
+    fr = fastres.load(path)
+    x = images((7, 15, 14, 5), seed=9)
+    expected = model(x, training=False)
+    assert_matches(fr.predict(x, batch_size=3), expected)
+    assert_matches(fr.predict(x.astype(np.float64)), expected)
+    assert_matches(fr.predict(x[:1]), expected[:1])
+    empty = fr.predict(x[:0])
+    assert empty.shape == (0, 4) and empty.dtype == np.float32
+
+
+def test_concurrent_predicts_match_serial(small):
+    _, path = small
+    fr = fastres.load(path)
+    inputs = [images((2, 15, 14, 5), seed=s) for s in range(6)]
+    serial = [fr.predict(x) for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = fr.predict(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, serial):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_no_framework_imported(small):
+    _, path = small
+    code = (
+        "import sys, numpy as np, fastres\n"
+        f"m = fastres.load({str(path)!r})\n"
+        "m.predict(np.zeros((1, 15, 14, 5), np.float32))\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'tf_keras', 'torch', 'jax')]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_threads_argument(small):
+    _, path = small
+    before = fastres.get_num_threads()
+    try:
+        fastres.load(path, threads=1)
+        assert fastres.get_num_threads() == 1
+    finally:
+        fastres.set_num_threads(before)
+    with pytest.raises(fastres.FastresError, match="between 1 and"):
+        fastres.load(path, threads=0)

@@ -157,7 +157,7 @@ class Plan:
             for name in op.inputs + ([op.residual] if op.residual else []):
                 last_use[name] = i
         last_use[output] = len(ops)
-        free, values, self.steps = [], {}, []
+        free, values, self.steps, self.names = [], {}, [], []
         storage_of, users = {}, {}
 
         def allocate(name, alias=None):
@@ -193,7 +193,9 @@ class Plan:
                 values[op.name] = ins[0].reshape(values[op.name].shape)
             else:
                 out = allocate(op.name)
-                self.steps.extend(_steps(model, op, ins, out, values.get(op.residual)))
+                steps = _steps(model, op, ins, out, values.get(op.residual))
+                self.steps.extend(steps)
+                self.names.extend([op.name] * len(steps))
             release(i)
         self.output = values[output]
 

@@ -9,53 +9,93 @@ applies ReLU while storing.  1x1 convolutions and dense layers are the same
 kernel with one tap; inputs with few channels (the 7x7 stem) gather their
 receptive fields first with the Cython ``im2col`` and run as a 1x1.
 """
-from typing import NamedTuple
-
 import numpy as np
 from numba import carray, prange
 
 from . import _checks
 from ._im2col import im2col_forward
 from ._numba import jit, pjit, stack_f32
+from .winograd import input_transform_forward, output_transform_forward
 
 PANEL = 64        # output channels per packed panel
 TILE = 4          # output pixels per register tile
 CHUNK = 16        # tiles per parallel task
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
+GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
 IM2COL_MAX_CIN = 8  # inputs with at most this many channels go through im2col
+# Winograd only where it was measured to win (batch 1, medians, 2 cores): 28x28x128 1.6x,
+# 14x14x256 1.5x; 56x56x64 1.1x, 16x16x64 0.6x and 7x7x512 0.9x (its 4x larger weights and the
+# transforms cost more than the multiplications it saves).
+WINOGRAD_MIN_TILES = 16  # 4x4 output blocks per image
+WINOGRAD_MIN_CHANNELS = 128  # input channels
+WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
 
 
-class PackedConv2D(NamedTuple):
-    """Convolution weights packed for ``conv2d``: made once by ``pack_conv2d``."""
+class PackedConv2D:
+    """Convolution weights packed for ``conv2d``: made once by ``pack_conv2d``.
 
-    panels: np.ndarray  # (ceil(Cout / 64), KH*KW*Cin, 64) float32
-    kernel_size: tuple  # (KH, KW)
-    in_channels: int
-    out_channels: int
-    im2col: bool        # True: the input is gathered with im2col and run as a 1x1
+    ``panels`` (1, ceil(Cout / 64), KH*KW*Cin, 64) feeds the direct kernel; a 3x3
+    kernel also has a Winograd packing (36 transformed panel sets), made on first
+    use by ``winograd_panels()`` since it is four times the size.
+    """
+
+    def __init__(self, weights, panels, im2col):
+        self.weights = weights  # float32 (KH, KW, Cin, Cout), kept for the Winograd packing
+        self.panels = panels
+        self.im2col = im2col    # True: the input is gathered with im2col and run as a 1x1
+        self._winograd = None
 
     @property
     def shape(self):
         """The HWIO shape of the kernel this was packed from."""
-        return (*self.kernel_size, self.in_channels, self.out_channels)
+        return self.weights.shape
+
+    @property
+    def kernel_size(self):
+        return self.weights.shape[:2]
+
+    @property
+    def in_channels(self):
+        return self.weights.shape[2]
+
+    @property
+    def out_channels(self):
+        return self.weights.shape[3]
+
+    def winograd_panels(self):
+        """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
+        if self._winograd is None:
+            from .winograd import transform_kernel
+
+            transformed = transform_kernel(self.weights)  # (36, Cin, Cout)
+            self._winograd = _pack(transformed)
+        return self._winograd
 
 
 @pjit
-def _pack_panels(panels, w2d):
-    """Copy a (K, Cout) kernel into 64-wide panels.
+def _pack_panels(panels, w3d):
+    """Copy (S, K, Cout) kernels into 64-wide panels.
 
     Parameters
     ----------
-    panels : float32 (nblk, K, 64), zero where a panel runs past Cout
-    w2d : float32 (K, Cout)
+    panels : float32 (S, nblk, K, 64), zero where a panel runs past Cout
+    w3d : float32 (S, K, Cout)
     """
-    nblk, k, _ = panels.shape
-    cout = w2d.shape[1]
-    for b in prange(nblk):
+    sets, nblk, k, _ = panels.shape
+    cout = w3d.shape[2]
+    for task in prange(sets * nblk):
+        s, b = task // nblk, task % nblk
         for r in range(k):
             for j in range(PANEL):
                 c = b * PANEL + j
-                panels[b, r, j] = w2d[r, c] if c < cout else 0.0
+                panels[s, b, r, j] = w3d[s, r, c] if c < cout else 0.0
+
+
+def _pack(w3d):
+    sets, k, cout = w3d.shape
+    panels = np.empty((sets, -(-cout // PANEL), k, PANEL), np.float32)
+    _pack_panels(panels, np.ascontiguousarray(w3d, dtype=np.float32))
+    return panels
 
 
 def pack_conv2d(w):
@@ -74,20 +114,21 @@ def pack_conv2d(w):
     w = _checks.array("pack_conv2d", "w", w, ndim=4)
     kh, kw, cin, cout = w.shape
     use_im2col = cin <= IM2COL_MAX_CIN and kh * kw > 1
-    panels = np.empty((-(-cout // PANEL), kh * kw * cin, PANEL), np.float32)
-    _pack_panels(panels, w.reshape(kh * kw * cin, cout))
-    return PackedConv2D(panels, (kh, kw), cin, cout, use_im2col)
+    return PackedConv2D(w, _pack(w.reshape(1, kh * kw * cin, cout)), use_im2col)
 
 
 @pjit
 def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
     """Direct convolution of a padded NHWC input with packed weights.
 
+    The images of the batch may each have their own weights: with S weight sets,
+    image ``n`` uses set ``n % S`` (Winograd runs its 36 products as 36 images).
+
     Parameters
     ----------
     out : float32 (N, OH, OW, Cout), written
     inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
-    panels : float32 (nblk, KH*KW*Cin, 64) from ``pack_conv2d``
+    panels : float32 (S, nblk, KH*KW*Cin, 64) from ``pack_conv2d``; S is 1 or N
     bias : float32 (Cout,)
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
@@ -96,61 +137,71 @@ def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
     """
     n, oh, ow, cout = out.shape
     hp, wp, cin = inp.shape[1], inp.shape[2], inp.shape[3]
-    nblk, depth, _ = panels.shape
+    sets, nblk, depth, _ = panels.shape
     kernel_h = depth // (kernel_w * cin)
-    pixels = n * oh * ow
+    image_pixels = oh * ow
     has_residual = residual.size > 0
     x = inp.reshape(-1)
-    y = out.reshape(pixels, cout)
+    y = out.reshape(n * image_pixels, cout)
     res = residual.reshape(-1, cout)
-    ntiles = (pixels + TILE - 1) // TILE
+    # pixels are tiled image by image (when images have their own weights) or as one run
+    runs, run_pixels = (n, image_pixels) if sets > 1 else (1, n * image_pixels)
+    ntiles = (run_pixels + TILE - 1) // TILE
     nchunks = (ntiles + CHUNK - 1) // CHUNK
-    # offset in x of each output pixel's first tap; the last tile repeats the last pixel
-    starts = np.empty(ntiles * TILE, np.int64)
-    for p in prange(ntiles * TILE):
-        q = min(p, pixels - 1)
-        img, rest = q // (oh * ow), q % (oh * ow)
-        starts[p] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
-    for task in prange(nblk * nchunks):
-        b = task // nchunks
-        chunk = task % nchunks
+    # offset in x of each output pixel's first tap; a run's last tile repeats its last pixel
+    starts = np.empty((runs, ntiles * TILE), np.int64)
+    for i in prange(runs * ntiles * TILE):
+        run, local = i // (ntiles * TILE), i % (ntiles * TILE)
+        q = run * run_pixels + min(local, run_pixels - 1)
+        img, rest = q // image_pixels, q % image_pixels
+        starts[run, local] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
+    # A task computes `group` panels for a run of CHUNK tiles, tile by tile, so each output
+    # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
+    group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
+    ngroups = (nblk + group - 1) // group
+    for task in prange(runs * nchunks * ngroups):
+        run = task // (nchunks * ngroups)
+        chunk = task // ngroups % nchunks
+        first = task % ngroups * group
+        wset = run % sets
         acc = carray(stack_f32(ACC), (TILE, PANEL))
         for tile in range(chunk * CHUNK, min(ntiles, (chunk + 1) * CHUNK)):
-            p0 = tile * TILE
-            b0 = starts[p0]
-            b1 = starts[p0 + 1]
-            b2 = starts[p0 + 2]
-            b3 = starts[p0 + 3]
-            for t in range(TILE):
-                for j in range(PANEL):
-                    acc[t, j] = 0.0
-            r = 0
-            for i in range(kernel_h):
-                for k in range(kernel_w):
-                    tap = (i * wp + k) * cin
-                    for c in range(cin):
-                        x0 = x[b0 + tap + c]
-                        x1 = x[b1 + tap + c]
-                        x2 = x[b2 + tap + c]
-                        x3 = x[b3 + tap + c]
-                        for j in range(PANEL):
-                            wv = panels[b, r, j]
-                            acc[0, j] += x0 * wv
-                            acc[1, j] += x1 * wv
-                            acc[2, j] += x2 * wv
-                            acc[3, j] += x3 * wv
-                        r += 1
-            c0 = b * PANEL
-            width = min(PANEL, cout - c0)
-            for t in range(min(TILE, pixels - p0)):
-                p = p0 + t
-                for j in range(width):
-                    v = acc[t, j] + bias[c0 + j]
-                    if has_residual:
-                        v += res[p, c0 + j]
-                    if relu:
-                        v = max(v, 0.0)
-                    y[p, c0 + j] = v
+            local0 = tile * TILE
+            b0 = starts[run, local0]
+            b1 = starts[run, local0 + 1]
+            b2 = starts[run, local0 + 2]
+            b3 = starts[run, local0 + 3]
+            for b in range(first, min(nblk, first + group)):
+                for t in range(TILE):
+                    for j in range(PANEL):
+                        acc[t, j] = 0.0
+                r = 0
+                for i in range(kernel_h):
+                    for k in range(kernel_w):
+                        tap = (i * wp + k) * cin
+                        for c in range(cin):
+                            x0 = x[b0 + tap + c]
+                            x1 = x[b1 + tap + c]
+                            x2 = x[b2 + tap + c]
+                            x3 = x[b3 + tap + c]
+                            for j in range(PANEL):
+                                wv = panels[wset, b, r, j]
+                                acc[0, j] += x0 * wv
+                                acc[1, j] += x1 * wv
+                                acc[2, j] += x2 * wv
+                                acc[3, j] += x3 * wv
+                            r += 1
+                c0 = b * PANEL
+                width = min(PANEL, cout - c0)
+                for t in range(min(TILE, run_pixels - local0)):
+                    p = run * run_pixels + local0 + t
+                    for j in range(width):
+                        v = acc[t, j] + bias[c0 + j]
+                        if has_residual:
+                            v += res[p, c0 + j]
+                        if relu:
+                            v = max(v, 0.0)
+                        y[p, c0 + j] = v
 
 
 @pjit
@@ -249,7 +300,9 @@ class Conv2DPlan:
     """A packed convolution prepared for one input shape, with its scratch buffers.
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
-    calls it on every forward pass.  Calling it checks nothing.
+    calls it on every forward pass.  Calling it checks nothing.  A stride-1 3x3
+    convolution with at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks runs as
+    Winograd F(4x4, 3x3) (``winograd=False`` forces the direct kernel).
 
     Parameters
     ----------
@@ -259,16 +312,34 @@ class Conv2DPlan:
     pads : (top, bottom, left, right) rows/columns of zeros around the input
     """
 
-    def __init__(self, packed, input_shape, stride, pads):
+    def __init__(self, packed, input_shape, stride, pads, winograd=None):
         n, h, w, _ = input_shape
         top, bottom, left, right = pads
-        (kh, kw), cin = packed.kernel_size, packed.in_channels
+        (kh, kw), cin, cout = packed.kernel_size, packed.in_channels, packed.out_channels
         self.packed, self.stride, self.pads = packed, stride, pads
         hp, wp = h + top + bottom, w + left + right
-        self.output_shape = (n, (hp - kh) // stride + 1, (wp - kw) // stride + 1, packed.out_channels)
-        self.padded = np.zeros((n, hp, wp, cin), np.float32) if any(pads) else None
-        oh, ow = self.output_shape[1:3]
-        self.cols = np.empty((n * oh * ow, kh * kw * cin), np.float32) if packed.im2col else None
+        oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+        self.output_shape = (n, oh, ow, cout)
+        image_tiles = -(-oh // 4) * -(-ow // 4)
+        if winograd is None:
+            winograd = image_tiles >= WINOGRAD_MIN_TILES and cin >= WINOGRAD_MIN_CHANNELS
+        self.winograd = winograd and (kh, kw) == (3, 3) and stride == 1 and not packed.im2col
+        self.cols = self.v = self.m = None
+        if self.winograd:
+            # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
+            self.tiles_w = -(-ow // 4)
+            hp, wp = 4 * -(-oh // 4) + 2, 4 * self.tiles_w + 2
+            self.pads = (top, hp - h - top, left, wp - w - left)
+            # a few images at a time, so the transformed blocks stay in cache
+            self.images = max(1, min(n, WINOGRAD_BYTES // (36 * image_tiles * max(cin, cout) * 4)))
+            self.v = np.empty(36 * self.images * image_tiles * cin, np.float32)
+            self.m = np.empty(36 * self.images * image_tiles * cout, np.float32)
+            self.image_tiles = image_tiles
+            self.panels = packed.winograd_panels()
+            self.no_bias = np.zeros(cout, np.float32)
+        elif packed.im2col:
+            self.cols = np.empty((n * oh * ow, kh * kw * cin), np.float32)
+        self.padded = np.zeros((n, hp, wp, cin), np.float32) if any(self.pads) else None
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
         """``out = relu?(conv(x) + bias + residual)``.
@@ -285,6 +356,17 @@ class Conv2DPlan:
         if self.padded is not None:
             zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
             x = self.padded
+        if self.winograd:
+            for first in range(0, out.shape[0], self.images):
+                last = min(out.shape[0], first + self.images)
+                tiles = (last - first) * self.image_tiles
+                v = self.v[: 36 * tiles * x.shape[3]].reshape(36, 1, tiles, x.shape[3])
+                m = self.m[: 36 * tiles * out.shape[3]].reshape(36, 1, tiles, out.shape[3])
+                input_transform_forward(v[:, 0], x[first:last], self.tiles_w)
+                conv2d_forward(m, v, self.panels, self.no_bias, NO_RESIDUAL, 1, 1, False)
+                res = residual if residual.size == 0 else residual[first:last]
+                output_transform_forward(out[first:last], m[:, 0], bias, res, relu)
+            return out
         if self.cols is not None:
             im2col_forward(self.cols, x, kh, kw, stride)
             x, kw, stride = self.cols.reshape(*out.shape[:3], -1), 1, 1

@@ -63,12 +63,13 @@ def test_missing_weights_group(saved):
 def test_kernel_of_wrong_shape(saved):
     path = copy(saved, "good.h5", "wrongshape.h5")
     with h5py.File(path, "r+") as f:
-        group = f["model_weights"]["dense"]
+        layer = [n for n in f["model_weights"] if n.startswith("dense")][-1]  # Keras numbers names per process
+        group = f["model_weights"][layer]
         name = [n for n in group.attrs["weight_names"] if "kernel" in str(n)][0]
         name = name.decode() if isinstance(name, bytes) else name
         del group[name]
         group[name] = np.zeros((3, 7), np.float32)
-    with pytest.raises(fastres.ModelFormatError, match=r"layer 'dense' \(Dense\): kernel has shape \(3, 7\)"):
+    with pytest.raises(fastres.ModelFormatError, match=rf"layer '{layer}' \(Dense\): kernel has shape \(3, 7\)"):
         fastres.load(path)
 
 

@@ -58,10 +58,10 @@ def test_conv2d_non_contiguous_input(rng):
 def test_packed_weights_layout(rng):
     kernel = rng.standard_normal((3, 3, 10, 70), dtype=np.float32)
     packed = K.pack_conv2d(kernel)
-    assert packed.panels.shape == (2, 90, 64)
+    assert packed.panels.shape == (1, 2, 90, 64)
     assert packed.shape == (3, 3, 10, 70)
-    np.testing.assert_array_equal(packed.panels[1, :, :6], kernel.reshape(90, 70)[:, 64:])
-    assert not packed.panels[1, :, 6:].any()
+    np.testing.assert_array_equal(packed.panels[0, 1, :, :6], kernel.reshape(90, 70)[:, 64:])
+    assert not packed.panels[0, 1, :, 6:].any()
 
 
 def test_cython_im2col_matches_numba_and_naive(rng):
@@ -185,3 +185,36 @@ def test_num_threads_control():
 def test_threading_layer_is_omp(rng):
     K.relu(rng.standard_normal(10, dtype=np.float32))
     assert K.threading_layer() == "omp"
+
+
+@pytest.mark.parametrize("case", [
+    # (n, h, w, cin, cout, padding)
+    (1, 9, 7, 9, 7, "same"),
+    (3, 14, 13, 20, 70, "same"),     # batch above 1, edge blocks cut on both sides
+    (2, 11, 10, 12, 4, "valid"),
+    (2, 28, 28, 130, 66, "same"),    # the default rule picks Winograd here
+])
+def test_winograd_matches_naive(case, rng):
+    n, h, w, cin, cout, padding = case
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
+    bias = rng.standard_normal(cout, dtype=np.float32)
+    expected = naive.conv2d(x, kernel, bias, 1, padding)
+    residual = rng.standard_normal(expected.shape, dtype=np.float32)
+    pads = (1, 1, 1, 1) if padding == "same" else (0, 0, 0, 0)
+    plan = K.Conv2DPlan(K.pack_conv2d(kernel), x.shape, 1, pads, winograd=True)
+    assert plan.winograd
+    out = np.empty(expected.shape, np.float32)
+    plan(out, x, bias, residual, True)
+    # F(4x4, 3x3) trades precision for speed: about 1e-5 of the output's magnitude
+    assert_close(out, np.maximum(expected + residual, 0), rtol=3e-5)
+
+
+def test_winograd_is_chosen_only_where_it_wins():
+    kernel = np.zeros((3, 3, 128, 128), np.float32)
+    packed = K.pack_conv2d(kernel)
+    assert K.Conv2DPlan(packed, (1, 28, 28, 128), 1, (1, 1, 1, 1)).winograd
+    assert not K.Conv2DPlan(packed, (1, 7, 7, 128), 1, (1, 1, 1, 1)).winograd
+    assert not K.Conv2DPlan(packed, (1, 28, 28, 128), 2, (1, 1, 1, 1)).winograd
+    small = K.pack_conv2d(np.zeros((3, 3, 64, 64), np.float32))
+    assert not K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd

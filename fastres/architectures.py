@@ -41,17 +41,19 @@ def _applications(blocks, classes, activation):
         for block in range(1, count + 1):
             p = f"conv{stage}_block{block}"
             stride = 2 if block == 1 and stage > 2 else 1
-            if block == 1:
-                layers += [_conv(p + "_0_conv", x, 4 * filters, 1, stride), _bn(p + "_0_bn", p + "_0_conv", eps)]
+            main = [_conv(p + "_1_conv", x, filters, 1, stride), _bn(p + "_1_bn", p + "_1_conv", eps),
+                    _relu(p + "_1_relu", p + "_1_bn"),
+                    _conv(p + "_2_conv", p + "_1_relu", filters, 3, 1, "same"), _bn(p + "_2_bn", p + "_2_conv", eps),
+                    _relu(p + "_2_relu", p + "_2_bn")]
+            last = _conv(p + "_3_conv", p + "_2_relu", 4 * filters, 1), _bn(p + "_3_bn", p + "_3_conv", eps)
+            if block == 1:  # Keras's own layer order, which its .h5 loader relies on
                 shortcut = p + "_0_bn"
+                layers += main + [_conv(p + "_0_conv", x, 4 * filters, 1, stride), last[0],
+                                  _bn(p + "_0_bn", p + "_0_conv", eps), last[1]]
             else:
                 shortcut = x
-            layers += [_conv(p + "_1_conv", x, filters, 1, stride), _bn(p + "_1_bn", p + "_1_conv", eps),
-                       _relu(p + "_1_relu", p + "_1_bn"),
-                       _conv(p + "_2_conv", p + "_1_relu", filters, 3, 1, "same"), _bn(p + "_2_bn", p + "_2_conv", eps),
-                       _relu(p + "_2_relu", p + "_2_bn"),
-                       _conv(p + "_3_conv", p + "_2_relu", 4 * filters, 1), _bn(p + "_3_bn", p + "_3_conv", eps),
-                       Layer(p + "_add", "Add", [shortcut, p + "_3_bn"]), _relu(p + "_out", p + "_add")]
+                layers += main + list(last)
+            layers += [Layer(p + "_add", "Add", [shortcut, p + "_3_bn"]), _relu(p + "_out", p + "_add")]
             x = p + "_out"
     layers += [Layer("avg_pool", "GlobalAveragePooling2D", [x], dict(keepdims=False)),
                Layer("predictions", "Dense", ["avg_pool"], dict(units=classes, use_bias=True, activation=activation))]

@@ -1,5 +1,6 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
 import threading
+import time
 
 import numpy as np
 
@@ -58,13 +59,22 @@ class Model:
     """A loaded model.  ``predict`` is safe to call from several threads at once."""
 
     def __init__(self, layers, output, input_shape, file_format, keras_version, path):
-        self.layers = layers                       # as in the file, with their weights
+        self.layers = layers                       # as in the file (their weights are dropped once packed)
         self.file_format, self.keras_version, self.path = file_format, keras_version, path
         self._input_shape = tuple(input_shape)
+        self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
+        self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
         self._ops, self._output = fuse(layers, output)
-        self._packed = {op.name: K.pack_conv2d(op.weights[0]) for op in self._ops if op.kind in ("Conv2D", "Dense")}
-        self._bias = {op.name: (op.weights[1] if len(op.weights) > 1 else np.zeros(op.weights[0].shape[-1], np.float32))
-                      for op in self._ops if op.kind in ("Conv2D", "Dense")}
+        self._params = {op.name: sum(w.size for w in op.weights) for op in self._ops}
+        self._packed, self._bias = {}, {}
+        for op in self._ops:
+            if op.kind in ("Conv2D", "Dense"):
+                kernel = op.weights[0]
+                self._packed[op.name] = K.pack_conv2d(kernel)
+                self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
+                op.weights = []  # only the packed copy stays in memory
+        for layer in layers:
+            layer.weights = []
         self._local = threading.local()
 
     @property
@@ -84,7 +94,7 @@ class Model:
     def summary(self, print_fn=print):
         """Print each layer of the file with its output shape and parameter count."""
         shapes = infer_shapes(self.layers, self._input_shape)
-        rows = [(l.name, l.kind, str((None, *shapes[l.name])), sum(w.size for w in l.weights)) for l in self.layers]
+        rows = [(l.name, l.kind, str((None, *shapes[l.name])), self._layer_params[l.name]) for l in self.layers]
         width = max(len(r[0]) + len(r[1]) for r in rows) + 3
         lines = [f"{'layer (class)':{width}s} {'output shape':22s} params"]
         lines += [f"{f'{n} ({k})':{width}s} {s:22s} {p:,}" for n, k, s, p in rows]
@@ -93,6 +103,71 @@ class Model:
         text = "\n".join(lines)
         print_fn(text)
         return text
+
+    @property
+    def output_is_probability(self):
+        """True when the model ends in a softmax (its outputs are probabilities)."""
+        last = next(op for op in self._ops if op.name == self._output)
+        return last.activation == "softmax" or (last.kind == "Activation" and last.attrs["activation"] == "softmax")
+
+    def describe(self, input_shape=None):
+        """One dict per fused operation: name, kind, folded layers, output shape, parameters, FLOPs.
+
+        ``input_shape`` is (H, W, C) for a model whose input size is free (default 224x224).
+        FLOPs count a multiply-add as two, per image.
+        """
+        shape = self._concrete_input(input_shape)
+        shapes = infer_shapes(self._ops, shape)
+        rows = []
+        for op in self._ops:
+            out = shapes[op.name]
+            ins = shapes[op.inputs[0]] if op.inputs else shape
+            params = self._params[op.name]
+            if op.kind == "Conv2D":
+                kh, kw = op.attrs["kernel"]
+                flops = 2 * int(np.prod(out)) * kh * kw * ins[-1]
+            elif op.kind == "Dense":
+                flops = 2 * int(np.prod(out)) * ins[-1]
+            elif op.kind in ("MaxPooling2D", "AveragePooling2D"):
+                flops = int(np.prod(out)) * int(np.prod(op.attrs["pool"]))
+            elif op.kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+                flops = int(np.prod(ins))
+            elif op.kind in ("BatchNormalization", "Add", "Activation", "ReLU"):
+                flops = 2 * int(np.prod(out))
+            else:
+                flops = 0
+            kind = op.kind + ("" if op.activation == "linear" else f"+{op.activation}") + ("+residual" if op.residual else "")
+            rows.append({"name": op.name, "kind": kind, "folded": list(op.folded), "output_shape": [None, *out],
+                         "params": int(params), "flops": int(flops)})
+        return rows
+
+    def _concrete_input(self, input_shape):
+        if input_shape is None:
+            input_shape = tuple(224 if d is None else d for d in self._input_shape)
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or any(w is not None and w != g for w, g in zip(self._input_shape, input_shape)):
+            raise InputError(f"input shape {input_shape} does not fit the model's input {self.input_shape[1:]}")
+        return input_shape
+
+    def profile(self, x, runs=10):
+        """Median seconds of each fused operation over ``runs`` forward passes of ``x``.
+
+        Returns a list of (name, seconds) in execution order, one entry per fused operation.
+        """
+        x = self._check_input(x)
+        self._run(x)  # plans and compiles
+        plan = self._local.plans[x.shape]
+        samples = {name: [] for name in dict.fromkeys(plan.names)}
+        for _ in range(max(1, runs)):
+            plan.input[...] = x
+            spent = dict.fromkeys(samples, 0.0)
+            for name, step in zip(plan.names, plan.steps):
+                start = time.perf_counter()
+                step()
+                spent[name] += time.perf_counter() - start
+            for name, seconds in spent.items():
+                samples[name].append(seconds)
+        return [(name, float(np.median(times))) for name, times in samples.items()]
 
     # ------------------------------------------------------------------ predict
 

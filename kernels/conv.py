@@ -34,33 +34,30 @@ WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fil
 class PackedConv2D:
     """Convolution weights packed for ``conv2d``: made once by ``pack_conv2d``.
 
+    ``shape`` is the kernel's HWIO shape.
     ``panels`` (1, ceil(Cout / 64), KH*KW*Cin, 64) feeds the direct kernel; a 3x3
     kernel also has a Winograd packing (36 transformed panel sets), made on first
     use by ``winograd_panels()`` since it is four times the size.
     """
 
     def __init__(self, weights, panels, im2col):
-        self.weights = weights  # float32 (KH, KW, Cin, Cout), kept for the Winograd packing
+        self.shape = weights.shape
+        self.weights = weights if weights.shape[:2] == (3, 3) else None  # kept for the Winograd packing
         self.panels = panels
         self.im2col = im2col    # True: the input is gathered with im2col and run as a 1x1
         self._winograd = None
 
     @property
-    def shape(self):
-        """The HWIO shape of the kernel this was packed from."""
-        return self.weights.shape
-
-    @property
     def kernel_size(self):
-        return self.weights.shape[:2]
+        return self.shape[:2]
 
     @property
     def in_channels(self):
-        return self.weights.shape[2]
+        return self.shape[2]
 
     @property
     def out_channels(self):
-        return self.weights.shape[3]
+        return self.shape[3]
 
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""

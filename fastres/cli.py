@@ -1,0 +1,506 @@
+"""The ``fastres`` command: bench, predict, info, profile.
+
+Every command has ``--help``.  A user's mistake (a missing file, an unsupported
+model, a bad option) prints one line on stderr and exits with status 2; a
+broken image in ``predict`` is reported by name and the others go on (exit 1).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from .errors import FastresError
+
+PEERS = ("tensorflow", "onnxruntime", "openvino")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv=None):
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 2
+        return args.run(args)
+    except (_UsageError, FastresError) as exc:
+        print(f"fastres: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastres: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _build_parser():
+    parser = _Parser(prog="fastres", description="Keras ResNet inference on the CPU without a deep-learning framework.")
+    parser.add_argument("--version", action="version", version=f"fastres {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND", parser_class=_Parser)
+
+    bench = sub.add_parser("bench", help="time a model against TensorFlow, ONNX Runtime and OpenVINO",
+                           description="Time forward passes of MODEL (default: a ResNet50 with deterministic weights "
+                                       "that fastres writes as a Keras .h5) and of the peers named by --compare.")
+    bench.add_argument("model", nargs="?", help="a Keras .h5/.keras file (default: the built-in ResNet50)")
+    bench.add_argument("--input-size", type=_positive, default=None, help="image height and width (default: the model's, else 224)")
+    bench.add_argument("--batch", type=_positive, default=1, help="images per forward pass (default 1)")
+    bench.add_argument("--threads", type=_positive, default=None, help="threads for every engine (default: all cores)")
+    bench.add_argument("--runs", type=_positive, default=20, help="timed forward passes per engine (default 20)")
+    bench.add_argument("--warmup", type=_nonnegative, default=3, help="untimed passes first (default 3)")
+    bench.add_argument("--compare", default="", help="peers, comma-separated: " + ",".join(PEERS))
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, which silences the table)")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw the latencies as a PNG (needs matplotlib)")
+    bench.add_argument("--no-cold", action="store_true", help="skip the cold-start measurement (it compiles every kernel afresh)")
+    bench.set_defaults(run=_bench)
+
+    predict = sub.add_parser("predict", help="classify images",
+                             description="Classify images (files, directories or glob patterns) and print the top classes.")
+    predict.add_argument("model", help="a Keras .h5/.keras file")
+    predict.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    predict.add_argument("--preprocess", choices=("caffe", "tf", "torch", "unit", "none"), default="caffe",
+                         help="keras.applications preprocessing: caffe (RGB->BGR, ImageNet mean; ResNet50's), "
+                              "tf ([-1, 1]), torch (ImageNet mean/std), unit ([0, 1]), none (raw 0..255); default caffe")
+    predict.add_argument("--top", type=_positive, default=5, help="classes to show per image (default 5)")
+    predict.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    predict.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
+    predict.add_argument("--input-size", type=_positive, default=None, help="resize to this size when the model's is free (default 224)")
+    predict.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    predict.set_defaults(run=_predict)
+
+    info = sub.add_parser("info", help="describe a model file after folding and fusion",
+                          description="Show the file's format, shapes, and each fused layer with its parameters and FLOPs.")
+    info.add_argument("model", help="a Keras .h5/.keras file")
+    info.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
+    info.add_argument("--input-size", type=_positive, default=None, help="for a model whose input size is free (default 224)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=_info)
+
+    profile = sub.add_parser("profile", help="time each fused layer of a model",
+                             description="Run MODEL and show each fused layer's median time, GFLOPS and share of the total.")
+    profile.add_argument("model", nargs="?", help="a Keras .h5/.keras file (default: the built-in ResNet50)")
+    profile.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
+    profile.add_argument("--input-size", type=_positive, default=None, help="for a model whose input size is free (default 224)")
+    profile.add_argument("--batch", type=_positive, default=1, help="images per pass (default 1)")
+    profile.add_argument("--runs", type=_positive, default=10, help="passes; the median is shown (default 10)")
+    profile.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
+    profile.add_argument("--json", action="store_true", help="print JSON")
+    profile.set_defaults(run=_profile)
+    return parser
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _nonnegative(text):
+    return 0 if text.strip() == "0" else _positive(text)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _load(path, architecture=None, threads=None):
+    from . import load
+
+    if path is not None and not os.path.exists(path):
+        raise FastresError(f"no such file: {path}")
+    return load(path, architecture=architecture, threads=threads)
+
+
+def _model_and_input(args):
+    """The model (default: the built-in ResNet50) and the (H, W, C) it runs on."""
+    from .default_model import default_model_path
+
+    path = args.model or str(default_model_path(args.input_size or 224))
+    model = _load(path, getattr(args, "architecture", None), args.threads)
+    declared = model.input_shape[1:]
+    if args.input_size and None not in declared[:2] and declared[:2] != (args.input_size,) * 2:
+        raise FastresError(f"{path} takes {declared[0]}x{declared[1]} images; --input-size {args.input_size} does not fit")
+    size = args.input_size or 224
+    shape = tuple(size if d is None else d for d in declared)
+    return path, model, shape
+
+
+def _table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, total, label, enabled=True):
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def step(self, count=1):
+        self.done += count
+        if self.enabled:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label:14s} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- info and profile
+
+def _info(args):
+    path, model, shape = _model_and_input(args)
+    rows = model.describe(shape)
+    report = {"file": path, "format": model.file_format, "keras_version": model.keras_version,
+              "input_shape": list(model.input_shape), "output_shape": list(model.output_shape),
+              "input_used": [None, *shape], "layers": rows,
+              "total_params": sum(r["params"] for r in rows), "total_flops": sum(r["flops"] for r in rows)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{path}: {model.file_format} (Keras {model.keras_version or 'unknown'})")
+    print(f"input {model.input_shape}, output {model.output_shape}; FLOPs per image at {shape[0]}x{shape[1]}")
+    print(_table(["layer", "kind (fused)", "output shape", "params", "MFLOPs"],
+                 [(r["name"], r["kind"] + (f" <- {len(r['folded'])} folded" if r["folded"] else ""),
+                   str(tuple(r["output_shape"])), f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}") for r in rows]))
+    print(f"total: {len(rows)} fused layers, {report['total_params']:,} parameters, "
+          f"{report['total_flops'] / 1e9:.2f} GFLOPs per image")
+    return 0
+
+
+def _profile(args):
+    path, model, shape = _model_and_input(args)
+    x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
+    times = dict(model.profile(x, args.runs))
+    rows = [dict(r, seconds=times.get(r["name"], 0.0)) for r in model.describe(shape) if r["name"] in times]
+    total = sum(r["seconds"] for r in rows)
+    for r in rows:
+        r["gflops"] = r["flops"] * args.batch / r["seconds"] / 1e9 if r["seconds"] else 0.0
+        r["share"] = r["seconds"] / total if total else 0.0
+    if args.json:
+        print(json.dumps({"file": path, "batch": args.batch, "input_shape": [None, *shape], "runs": args.runs,
+                          "total_seconds": total, "layers": rows}, indent=1))
+        return 0
+    print(f"{path}: batch {args.batch} at {shape[0]}x{shape[1]}, median of {args.runs} runs per layer")
+    print(_table(["layer", "kind (fused)", "ms", "GFLOPS", "share"],
+                 [(r["name"], r["kind"], f"{r['seconds'] * 1e3:.3f}", f"{r['gflops']:.1f}", f"{100 * r['share']:.1f}%")
+                  for r in rows]))
+    flops = sum(r["flops"] for r in rows) * args.batch
+    print(f"sum: {total * 1e3:.2f} ms, {flops / total / 1e9:.1f} GFLOPS")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+TORCH_MEAN, TORCH_STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _expand(patterns):
+    """Yield image paths from files, directories (sorted, not recursive) and glob patterns."""
+    import glob
+
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            for name in sorted(os.listdir(pattern)):
+                if name.lower().endswith(IMAGE_SUFFIXES):
+                    yield os.path.join(pattern, name)
+        elif any(ch in pattern for ch in "*?[") and not os.path.exists(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                yield (pattern, "no file matches this pattern")
+            yield from matches
+        else:
+            yield pattern
+
+
+def preprocess(images, mode):
+    """keras.applications preprocessing of RGB images (N, H, W, 3) in 0..255."""
+    x = images.astype(np.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - CAFFE_MEAN_BGR
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "torch":
+        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
+    if mode == "unit":
+        return x / 255.0
+    return x
+
+
+def _read_image(path, size):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8), None
+    except FileNotFoundError:
+        return None, "no such file"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"not a readable image ({exc.__class__.__name__}: {exc})"
+
+
+def _predict(args):
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise FastresError("fastres predict needs Pillow: pip install 'fastres[images]'") from None
+    path, model, shape = _model_and_input(args)
+    if shape[2] != 3:
+        raise FastresError(f"{path} takes {shape[2]}-channel input; predict reads RGB images")
+    labels = None
+    if args.labels:
+        try:
+            with open(args.labels, encoding="utf8") as fh:
+                labels = [line.rstrip("\n") for line in fh]
+        except OSError as exc:
+            raise FastresError(f"cannot read labels {args.labels}: {exc.strerror}") from None
+        classes = model.output_shape[-1]
+        if len(labels) != classes:
+            raise FastresError(f"{args.labels} has {len(labels)} lines but the model has {classes} classes")
+    failures = done = 0
+    batch_paths, batch_images = [], []
+
+    def flush():
+        nonlocal done
+        if not batch_paths:
+            return
+        scores = model.predict(preprocess(np.stack(batch_images), args.preprocess))
+        if not model.output_is_probability:
+            scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+            scores /= scores.sum(axis=1, keepdims=True)
+        for image_path, row in zip(batch_paths, scores):
+            top = np.argsort(-row, kind="stable")[: args.top]
+            found = [{"class": int(i), "label": labels[i] if labels else str(i), "probability": float(row[i])} for i in top]
+            if args.json:
+                print(json.dumps({"image": image_path, "top": found}))
+            else:
+                print(f"{image_path}: " + ", ".join(f"{f['label']} ({f['probability']:.3f})" for f in found))
+        done += len(batch_paths)
+        batch_paths.clear()
+        batch_images.clear()
+
+    for item in _expand(args.images):
+        if isinstance(item, tuple):
+            image, error = None, item[1]
+            item = item[0]
+        else:
+            image, error = _read_image(item, shape[:2])
+        if error:
+            failures += 1
+            print(f"fastres: cannot read {item}: {error}", file=sys.stderr)
+            continue
+        batch_paths.append(item)
+        batch_images.append(image)
+        if len(batch_paths) >= args.batch_size:
+            flush()
+    flush()
+    if not done and not failures:
+        raise FastresError("no images found")
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------- bench
+
+def _startup(path, shape, threads, cold):
+    """Seconds from start to the first result, and peak memory, in a fresh process."""
+    import subprocess
+    import tempfile
+
+    code = (
+        "import json, resource, sys, time\n"
+        "start = time.perf_counter()\n"
+        "import numpy as np, fastres\n"
+        f"m = fastres.load({path!r}, threads={threads!r})\n"
+        f"m.predict(np.zeros((1, {shape[0]}, {shape[1]}, {shape[2]}), np.float32))\n"
+        "print(json.dumps({'seconds': time.perf_counter() - start,\n"
+        "                  'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+    )
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as empty_cache:
+        if cold:
+            env["NUMBA_CACHE_DIR"] = empty_cache
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    if run.returncode != 0:
+        raise FastresError(f"the start-up measurement failed: {run.stderr.strip().splitlines()[-1:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _time(label, forward, x, runs, warmup, progress):
+    bar = _Progress(runs + warmup, label, progress)
+    for _ in range(warmup):
+        forward(x)
+        bar.step()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = forward(x)
+        times.append(time.perf_counter() - start)
+        bar.step()
+    bar.close()
+    return np.asarray(out, np.float32), times
+
+
+def _peer(name, path, threads):
+    """A forward function for a peer engine on the same .h5 file, or raise ImportError."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # every peer starts from the Keras file through TensorFlow
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        import tf_keras as keras_module
+    except ImportError:
+        import keras as keras_module
+    model = keras_module.models.load_model(path, compile=False)
+    if name == "tensorflow":
+        forward = tf.function(lambda t: model(t, training=False))
+        return lambda x: forward(tf.constant(x)).numpy()
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    if name == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {input_name: x})[0]
+    import tempfile
+
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = os.path.join(folder, "model.onnx")
+        with open(onnx_path, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like the others (it would pick bf16 here)
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(core.read_model(onnx_path), "CPU", config)
+    return lambda x: compiled(x)[0]
+
+
+def _bench(args):
+    peers = [p.strip().lower() for p in args.compare.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise _UsageError(f"--compare: unknown engine {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    quiet = args.json == "-"
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    path, model, shape = _model_and_input(args)
+    from .kernels import get_num_threads
+
+    threads = args.threads or get_num_threads()
+    x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
+    say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads")
+    reference, times = _time("fastres", model.predict, x, args.runs, args.warmup, not quiet)
+    results = {"fastres": {"status": "ok", "times": times}}
+    for name in peers:
+        try:
+            say(f"preparing {name} ...")
+            forward = _peer(name, path, threads)
+        except ImportError as exc:
+            results[name] = {"status": f"not installed ({exc.name or exc})"}
+            continue
+        except Exception as exc:  # a peer that cannot run this model is reported, not fatal
+            results[name] = {"status": f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
+            continue
+        out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
+        results[name] = {"status": "ok", "times": peer_times, "max_abs_diff": float(np.abs(out - reference).max()),
+                         "reference_max_abs": float(np.abs(reference).max())}
+    say("measuring start-up in fresh processes ...")
+    warm = _startup(path, shape, args.threads, cold=False)
+    cold = None if args.no_cold else _startup(path, shape, args.threads, cold=True)
+    fast_median = float(np.median(times))
+    for name, r in results.items():
+        if r["status"] == "ok":
+            t = np.asarray(r["times"])
+            r.update(median_ms=float(np.median(t) * 1e3), p90_ms=float(np.percentile(t, 90) * 1e3),
+                     images_per_second=args.batch / float(np.median(t)),
+                     fastres_speedup=float(np.median(t)) / fast_median)
+    report = {"model": path, "batch": args.batch, "input_shape": [None, *shape], "threads": threads, "runs": args.runs,
+              "warmup": args.warmup, "engines": results, "first_result_seconds_warm": warm["seconds"],
+              "first_result_seconds_cold": cold and cold["seconds"], "peak_memory_bytes": warm["peak_bytes"],
+              "weights_bytes": model.weights_bytes}
+    if args.json:
+        text = json.dumps(report, indent=1)
+        if quiet:
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf8") as fh:
+                fh.write(text + "\n")
+    if not quiet:
+        rows = []
+        for name, r in results.items():
+            if r["status"] != "ok":
+                rows.append((name, "-", "-", "-", "-", r["status"]))
+                continue
+            diff = "(reference)" if name == "fastres" else f"{r['max_abs_diff']:.2e} (of {r['reference_max_abs']:.2e})"
+            rows.append((name, f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['images_per_second']:.1f}",
+                         f"{r['fastres_speedup']:.2f}x", diff))
+        print(_table(["engine", "median ms", "p90 ms", "images/s", "fastres speed-up", "max |diff| vs fastres"], rows))
+        print(f"load to first result: {warm['seconds']:.2f} s with a warm Numba cache"
+              + ("" if cold is None else f", {cold['seconds']:.2f} s cold (compiling every kernel)"))
+        print(f"peak memory (fresh process, load + one batch-1 pass): {warm['peak_bytes'] / 2**20:.0f} MiB; "
+              f"weights {model.weights_bytes / 2**20:.0f} MiB")
+    if args.plot:
+        _plot(report, args.plot)
+        say(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(report, filename):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FastresError("--plot needs matplotlib: pip install 'fastres[plot]'") from None
+    engines = [(n, r) for n, r in report["engines"].items() if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(engines) + 1.6))
+    names = [n for n, _ in engines]
+    medians = [r["median_ms"] for _, r in engines]
+    p90 = [r["p90_ms"] - r["median_ms"] for _, r in engines]
+    ax.barh(names, medians, xerr=[[0] * len(p90), p90], color=["#d62728" if n == "fastres" else "#7f7f7f" for n in names])
+    for i, value in enumerate(medians):
+        ax.text(value, i, f" {value:.1f} ms", va="center")
+    shape = report["input_shape"]
+    ax.set_xlabel("latency per forward pass, ms (bar: median, whisker: p90)")
+    ax.set_title(f"{os.path.basename(report['model'])}: batch {report['batch']}, {shape[1]}x{shape[2]}, "
+                 f"{report['threads']} threads")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    try:
+        fig.savefig(filename, dpi=100)
+    except OSError as exc:
+        raise FastresError(f"cannot write {filename}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)

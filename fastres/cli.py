@@ -56,6 +56,7 @@ def _build_parser():
     bench.add_argument("model", nargs="?", help="a Keras .h5/.keras file (default: the built-in ResNet50)")
     bench.add_argument("--input-size", type=_positive, default=None, help="image height and width (default: the model's, else 224)")
     bench.add_argument("--batch", type=_positive, default=1, help="images per forward pass (default 1)")
+    bench.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
     bench.add_argument("--threads", type=_positive, default=None, help="threads for every engine (default: all cores)")
     bench.add_argument("--runs", type=_positive, default=20, help="timed forward passes per engine (default 20)")
     bench.add_argument("--warmup", type=_nonnegative, default=3, help="untimed passes first (default 3)")
@@ -76,6 +77,7 @@ def _build_parser():
     predict.add_argument("--labels", metavar="FILE", help="class names, one per line")
     predict.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--input-size", type=_positive, default=None, help="resize to this size when the model's is free (default 224)")
+    predict.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
     predict.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.set_defaults(run=_predict)
@@ -130,7 +132,7 @@ def _model_and_input(args):
     from .default_model import default_model_path
 
     path = args.model or str(default_model_path(args.input_size or 224))
-    model = _load(path, getattr(args, "architecture", None), args.threads)
+    model = _load(path, args.architecture, getattr(args, "threads", None))
     declared = model.input_shape[1:]
     if args.input_size and None not in declared[:2] and declared[:2] != (args.input_size,) * 2:
         raise FastresError(f"{path} takes {declared[0]}x{declared[1]} images; --input-size {args.input_size} does not fit")
@@ -173,7 +175,8 @@ def _info(args):
     report = {"file": path, "format": model.file_format, "keras_version": model.keras_version,
               "input_shape": list(model.input_shape), "output_shape": list(model.output_shape),
               "input_used": [None, *shape], "layers": rows,
-              "total_params": sum(r["params"] for r in rows), "total_flops": sum(r["flops"] for r in rows)}
+              "total_params": sum(r["params"] for r in rows), "total_flops": sum(r["flops"] for r in rows),
+              "file_params": model.file_params}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -182,8 +185,8 @@ def _info(args):
     print(_table(["layer", "kind (fused)", "output shape", "params", "MFLOPs"],
                  [(r["name"], r["kind"] + (f" <- {len(r['folded'])} folded" if r["folded"] else ""),
                    str(tuple(r["output_shape"])), f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}") for r in rows]))
-    print(f"total: {len(rows)} fused layers, {report['total_params']:,} parameters, "
-          f"{report['total_flops'] / 1e9:.2f} GFLOPs per image")
+    print(f"total: {len(rows)} fused layers, {report['total_params']:,} parameters after folding "
+          f"({report['file_params']:,} in the file), {report['total_flops'] / 1e9:.2f} GFLOPs per image")
     return 0
 
 
@@ -334,8 +337,13 @@ def _startup(path, shape, threads, cold):
         "import numpy as np, fastres\n"
         f"m = fastres.load({path!r}, threads={threads!r})\n"
         f"m.predict(np.zeros((1, {shape[0]}, {shape[1]}, {shape[2]}), np.float32))\n"
-        "print(json.dumps({'seconds': time.perf_counter() - start,\n"
-        "                  'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
+        "seconds = time.perf_counter() - start\n"
+        "try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)\n"
+        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "    peak = int(hwm.split()[1]) * 1024\n"
+        "except (OSError, IndexError):\n"
+        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps({'seconds': seconds, 'peak_bytes': peak}))\n"
     )
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as empty_cache:
@@ -494,8 +502,8 @@ def _plot(report, filename):
         ax.text(value, i, f" {value:.1f} ms", va="center")
     shape = report["input_shape"]
     ax.set_xlabel("latency per forward pass, ms (bar: median, whisker: p90)")
-    ax.set_title(f"{os.path.basename(report['model'])}: batch {report['batch']}, {shape[1]}x{shape[2]}, "
-                 f"{report['threads']} threads")
+    ax.set_xlim(0, max(m + p for m, p in zip(medians, p90)) * 1.25)
+    ax.set_title(f"batch {report['batch']}, {shape[1]}x{shape[2]}, {report['threads']} threads", fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
     try:

@@ -64,6 +64,7 @@ class Model:
         self._input_shape = tuple(input_shape)
         self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
         self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
+        self.file_params = sum(self._layer_params.values())
         self._ops, self._output = fuse(layers, output)
         self._params = {op.name: sum(w.size for w in op.weights) for op in self._ops}
         self._packed, self._bias = {}, {}

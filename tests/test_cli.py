@@ -1,0 +1,176 @@
+"""The fastres command, end to end through its console script."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keras_models as km
+
+SCRIPT = shutil.which("fastres", path=os.path.dirname(sys.executable)) or shutil.which("fastres")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(os.environ, FASTRES_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def run(env, *args, timeout=900):
+    assert SCRIPT, "the fastres console script is not installed"
+    return subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def assert_user_error(result, text):
+    """One clear line on stderr, a non-zero exit, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("fastres: error:")]
+    assert len(lines) == 1 and text in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def default_model(env):
+    from fastres.default_model import default_model_path
+
+    os.environ["FASTRES_CACHE"] = env["FASTRES_CACHE"]
+    try:
+        return default_model_path(64)
+    finally:
+        del os.environ["FASTRES_CACHE"]
+
+
+@pytest.mark.parametrize("command", [[], ["bench"], ["predict"], ["info"], ["profile"]])
+def test_help(env, command):
+    result = run(env, *command, "--help")
+    assert result.returncode == 0 and "usage: fastres" in result.stdout
+
+
+def test_python_dash_m(env):
+    result = subprocess.run([sys.executable, "-m", "fastres", "--version"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("fastres ")
+
+
+def test_bench_with_no_model(env):
+    """The README's main job: the built-in ResNet50 at 224x224, with cold and warm start-up."""
+    result = run(env, "bench", "--runs", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    assert "fastres" in result.stdout and "median ms" in result.stdout
+    assert "warm Numba cache" in result.stdout and "cold" in result.stdout and "peak memory" in result.stdout
+    assert list(Path(env["FASTRES_CACHE"]).glob("resnet50-224-*.h5"))
+
+
+def test_bench_compare_json_and_plot(env, default_model, tmp_path):
+    plot = tmp_path / "bench.png"
+    result = run(env, "bench", default_model, "--runs", "2", "--warmup", "1", "--no-cold", "--batch", "2",
+                 "--compare", "tensorflow,onnxruntime", "--json", "-", "--plot", plot)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    engines = report["engines"]
+    assert report["input_shape"] == [None, 64, 64, 3] and report["batch"] == 2
+    assert engines["fastres"]["status"] == "ok" and engines["fastres"]["median_ms"] > 0
+    tf = engines["tensorflow"]
+    assert tf["status"] == "ok" and tf["max_abs_diff"] <= 1e-4 * tf["reference_max_abs"]
+    ort = engines["onnxruntime"]
+    assert ort["status"] == "ok" or ort["status"].startswith("not installed")  # reported, never faked
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_model_loads_in_keras(default_model):
+    """The default model is a real Keras file: both Keras 3 and tf_keras load it, with fastres's answers."""
+    import fastres
+
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    ours = fastres.load(default_model).predict(x)
+    for keras in (km.keras3(), km.keras2()):
+        theirs = np.asarray(keras.models.load_model(default_model, compile=False)(x))
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_info_and_profile(env, default_model):
+    info = run(env, "info", default_model, "--json")
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["format"] == "keras2-h5" and report["output_shape"] == [None, 1000]
+    conv1 = next(r for r in report["layers"] if r["name"] == "conv1_conv")
+    assert conv1["folded"] == ["conv1_pad", "conv1_bn", "conv1_relu"] and conv1["flops"] == 2 * 32 * 32 * 64 * 49 * 3
+    keras_count = km.keras3().applications.ResNet50(weights=None, input_shape=(64, 64, 3)).count_params()
+    assert report["file_params"] == keras_count
+    assert report["total_params"] < keras_count  # batch-norms folded away
+    text = run(env, "info", default_model)
+    assert text.returncode == 0 and "GFLOPs per image" in text.stdout
+    profile = run(env, "profile", default_model, "--runs", "2", "--json")
+    assert profile.returncode == 0, profile.stderr
+    layers = json.loads(profile.stdout)["layers"]
+    assert abs(sum(l["share"] for l in layers) - 1) < 1e-6 and all(l["seconds"] > 0 for l in layers)
+    assert "GFLOPS" in run(env, "profile", default_model, "--runs", "1").stdout
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, suffix in enumerate([".png", ".jpg", ".png"]):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(folder / f"img{i}{suffix}")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(folder / "gray.jpg")  # converted to RGB
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return folder
+
+
+def test_predict_files_dirs_globs_and_broken(env, default_model, images, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class-{i}\n" for i in range(1000)))
+    result = run(env, "predict", default_model, images, "--top", "3", "--labels", labels, "--batch-size", "2", "--json")
+    assert result.returncode == 1  # one image could not be read
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows) == ["gray.jpg", "img0.png", "img1.jpg", "img2.png"]
+    for row in rows:
+        assert len(row["top"]) == 3 and row["top"][0]["label"].startswith("class-")
+        probs = [t["probability"] for t in row["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+    single = run(env, "predict", default_model, images / "img0.png", str(images / "*.jpg"), "--preprocess", "tf")
+    assert single.returncode == 1 and single.stdout.count(": ") == 3  # img0.png, img1.jpg, gray.jpg
+
+
+def test_predict_matches_the_engine(env, default_model, images):
+    """The scores printed are the engine's on the caffe-preprocessed, resized image."""
+    from PIL import Image
+
+    import fastres
+    from fastres.cli import preprocess
+
+    result = run(env, "predict", default_model, images / "img0.png", "--top", "1", "--json")
+    top = json.loads(result.stdout)["top"][0]
+    pixels = np.asarray(Image.open(images / "img0.png").convert("RGB").resize((64, 64), Image.BILINEAR))
+    expected = fastres.load(default_model).predict(preprocess(pixels[None], "caffe"))[0]
+    assert top["class"] == int(expected.argmax()) and abs(top["probability"] - expected.max()) < 1e-6
+
+
+def test_user_errors(env, default_model, tmp_path):
+    assert_user_error(run(env, "info", tmp_path / "missing.h5"), "no such file")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not a model at all")
+    assert_user_error(run(env, "info", junk), "not a Keras model file")
+    assert_user_error(run(env, "bench", "--runs", "0"), "--runs")
+    assert_user_error(run(env, "bench", "--compare", "pytorch"), "unknown engine 'pytorch'")
+    assert_user_error(run(env, "profile", "--frobnicate"), "unrecognized arguments")
+    missing_image = run(env, "predict", default_model, tmp_path / "none-here.png")
+    assert missing_image.returncode == 1 and "none-here.png: no such file" in missing_image.stderr
+    assert_user_error(run(env, "bench", default_model, "--input-size", "96", "--no-cold"), "takes 64x64 images")
+
+
+def test_unsupported_model_error(env, tmp_path):
+    keras = km.keras3()
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Flatten()(keras.layers.Conv2DTranspose(2, 3, name="upsample")(inp))
+    path = tmp_path / "unsupported.keras"
+    keras.Model(inp, out).save(path)
+    assert_user_error(run(env, "info", path), "layer 'upsample' has class 'Conv2DTranspose'")

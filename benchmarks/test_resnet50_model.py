@@ -1,8 +1,12 @@
-"""Whole-model forward passes: fastres beside TensorFlow on keras.applications ResNet50.
+"""Whole-model forward passes: fastres beside TensorFlow, ONNX Runtime and OpenVINO.
 
 Run with:  pytest benchmarks/test_resnet50_model.py --benchmark-only --benchmark-columns=median,iqr,rounds
-One group per (input size, batch); read the ratio of medians inside a group.
-TensorFlow runs the Keras model under ``tf.function`` with ``training=False``.
+(install the peers with ``pip install -e ".[bench]"``).  The model is ResNet50 in the
+keras.applications layout with fastres's deterministic weights (``fastres bench``'s default
+model, a Keras .h5); every engine runs that same file: TensorFlow through Keras under
+``tf.function`` with ``training=False``, ONNX Runtime and OpenVINO (fp32) through tf2onnx.
+One group per (input size, batch); read the ratios of medians inside a group.  Every
+benchmark asserts that its output agrees with TensorFlow's.
 """
 import os
 
@@ -12,51 +16,38 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fastres  # noqa: E402
+from fastres.cli import _peer  # noqa: E402
+from fastres.default_model import default_model_path  # noqa: E402
 
 CONFIGS = [(224, 1), (224, 8), (64, 1)]
+ENGINES = ["fastres", "tensorflow", "onnxruntime", "openvino"]
+_forward_cache = {}
 
 
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    import keras
-
-    folder = tmp_path_factory.mktemp("bench")
-    made = {}
-    for size in sorted({s for s, _ in CONFIGS}):
-        keras.utils.set_random_seed(0)
-        model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classifier_activation=None)
-        rng = np.random.default_rng(0)
-        for layer in model.layers:  # batch-norm statistics that are not the identity
-            if type(layer).__name__ == "BatchNormalization":
-                gamma, beta, mean, var = layer.get_weights()
-                layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                                   rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2, var.shape)])
-        path = folder / f"resnet50_{size}.keras"
-        model.save(path)
-        made[size] = (model, path)
-    return made
+def forward_for(engine, size):
+    """A forward function per (engine, input size), built once per session."""
+    key = (engine, size)
+    if key not in _forward_cache:
+        path = str(default_model_path(size))
+        if engine == "fastres":
+            _forward_cache[key] = fastres.load(path).predict
+        else:
+            try:
+                _forward_cache[key] = _peer(engine, path, None)
+            except ImportError as exc:
+                _forward_cache[key] = f"{engine} is not installed ({exc.name})"
+    return _forward_cache[key]
 
 
-def check(result, expected):
-    expected = np.asarray(expected)
-    assert np.abs(result - expected).max() <= 1e-4 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("engine", ["fastres", "tensorflow"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("size,batch", CONFIGS, ids=[f"{s}x{s}-batch{b}" for s, b in CONFIGS])
-def test_resnet50_forward(benchmark, saved_models, engine, size, batch):
-    import tensorflow as tf
-
-    model, path = saved_models[size]
+def test_resnet50_forward(benchmark, engine, size, batch):
     benchmark.group = f"ResNet50 forward, {size}x{size}, batch {batch}"
+    forward = forward_for(engine, size)
+    if isinstance(forward, str):
+        pytest.skip(forward)
     x = np.random.default_rng(1).standard_normal((batch, size, size, 3)).astype(np.float32)
-    expected = model(x, training=False)
-    if engine == "fastres":
-        fr = fastres.load(path)
-        fr.predict(x)  # plan and JIT warm-up, outside the timing
-        result = benchmark(fr.predict, x)
-    else:
-        forward = tf.function(lambda t: model(t, training=False))
-        forward(tf.constant(x))  # trace outside the timing
-        result = benchmark(lambda: forward(tf.constant(x)).numpy())
-    check(result, expected)
+    expected = forward_for("tensorflow", size)(x)
+    forward(x)  # plans, JIT and graph warm-up, outside the timing
+    result = np.asarray(benchmark(forward, x))
+    assert np.abs(result - expected).max() <= 1e-4 * np.abs(expected).max()

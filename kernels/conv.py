@@ -6,8 +6,8 @@ one panel and a run of output pixels; for every tile of ``TILE`` pixels it
 accumulates all kernel taps and input channels in ``TILE x 64`` stack
 accumulators (kept in vector registers), then adds the bias and residual and
 applies ReLU while storing.  1x1 convolutions and dense layers are the same
-kernel with one tap; inputs with few channels (the 7x7 stem) gather their
-receptive fields first with the Cython ``im2col`` and run as a 1x1.
+kernel with one tap.  A kernel packed with ``im2col=True`` gathers its receptive
+fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
 """
 import numpy as np
 from numba import carray, prange
@@ -22,7 +22,6 @@ TILE = 4          # output pixels per register tile
 CHUNK = 16        # tiles per parallel task
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
-IM2COL_MAX_CIN = 8  # inputs with at most this many channels go through im2col
 # Winograd only where it was measured to win (batch 1, medians, 2 cores): 28x28x128 1.6x,
 # 14x14x256 1.5x; 56x56x64 1.1x, 16x16x64 0.6x and 7x7x512 0.9x (its 4x larger weights and the
 # transforms cost more than the multiplications it saves).
@@ -95,12 +94,18 @@ def _pack(w3d):
     return panels
 
 
-def pack_conv2d(w):
+def pack_conv2d(w, im2col=False):
     """Pack a Keras HWIO convolution kernel (or a (in, out) dense kernel) for ``conv2d``.
 
     Parameters
     ----------
     w : float32 (KH, KW, Cin, Cout) or (Cin, Cout)
+    im2col : bool
+        Gather the receptive fields with the Cython ``im2col`` and run a 1x1
+        convolution over them, instead of the direct kernel.  Off by default: it
+        was measured slower everywhere here, the 7x7 stem included (2.1 ms
+        against 1.45 ms at 224x224, batch 1; 20 ms against 13 ms at batch 8),
+        because the gathered copy is 49x the input.
 
     Returns
     -------
@@ -110,8 +115,7 @@ def pack_conv2d(w):
         w = w[None, None]
     w = _checks.array("pack_conv2d", "w", w, ndim=4)
     kh, kw, cin, cout = w.shape
-    use_im2col = cin <= IM2COL_MAX_CIN and kh * kw > 1
-    return PackedConv2D(w, _pack(w.reshape(1, kh * kw * cin, cout)), use_im2col)
+    return PackedConv2D(w, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
 
 
 @pjit
@@ -169,9 +173,10 @@ def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
             b2 = starts[run, local0 + 2]
             b3 = starts[run, local0 + 3]
             for b in range(first, min(nblk, first + group)):
-                for t in range(TILE):
+                c0 = b * PANEL
+                for t in range(TILE):  # the accumulators start at the bias
                     for j in range(PANEL):
-                        acc[t, j] = 0.0
+                        acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                 r = 0
                 for i in range(kernel_h):
                     for k in range(kernel_w):
@@ -188,17 +193,34 @@ def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
                                 acc[2, j] += x2 * wv
                                 acc[3, j] += x3 * wv
                             r += 1
-                c0 = b * PANEL
-                width = min(PANEL, cout - c0)
-                for t in range(min(TILE, run_pixels - local0)):
-                    p = run * run_pixels + local0 + t
-                    for j in range(width):
-                        v = acc[t, j] + bias[c0 + j]
-                        if has_residual:
-                            v += res[p, c0 + j]
-                        if relu:
-                            v = max(v, 0.0)
-                        y[p, c0 + j] = v
+                p0 = run * run_pixels + local0
+                if c0 + PANEL <= cout and local0 + TILE <= run_pixels:
+                    # a whole tile: constant trip counts and one loop per case vectorise best
+                    if has_residual and relu:
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                y[p0 + t, c0 + j] = max(acc[t, j] + res[p0 + t, c0 + j], 0.0)
+                    elif has_residual:
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                y[p0 + t, c0 + j] = acc[t, j] + res[p0 + t, c0 + j]
+                    elif relu:
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                y[p0 + t, c0 + j] = max(acc[t, j], 0.0)
+                    else:
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                y[p0 + t, c0 + j] = acc[t, j]
+                else:
+                    for t in range(min(TILE, run_pixels - local0)):
+                        for j in range(min(PANEL, cout - c0)):
+                            v = acc[t, j]
+                            if has_residual:
+                                v += res[p0 + t, c0 + j]
+                            if relu:
+                                v = max(v, 0.0)
+                            y[p0 + t, c0 + j] = v
 
 
 @pjit

@@ -11,7 +11,7 @@ CONV_CASES = [
     (2, 9, 11, 5, 7, 3, 1, "same"),
     (3, 13, 8, 17, 70, 3, 2, "same"),
     (1, 12, 12, 33, 130, 3, 2, "same"),
-    (2, 15, 15, 3, 64, 7, 2, "valid"),   # stem-like: goes through im2col
+    (2, 15, 15, 3, 64, 7, 2, "valid"),   # stem-like
     (2, 11, 14, 3, 19, 7, 2, "same"),
     (2, 7, 9, 48, 65, 1, 1, "valid"),
     (2, 9, 9, 40, 129, 1, 2, "valid"),
@@ -73,6 +73,17 @@ def test_cython_im2col_matches_numba_and_naive(rng):
     K.im2col_numba(numba_out, x, 7, 5, 2)
     np.testing.assert_array_equal(cython_out, expected)
     np.testing.assert_array_equal(numba_out, expected)
+
+
+@pytest.mark.parametrize("case", [(2, 15, 15, 3, 64, 7, 2, "valid"), (1, 11, 14, 3, 19, 7, 2, "same"), (2, 9, 8, 5, 70, 3, 1, "same")])
+def test_conv2d_through_im2col(case, rng):
+    n, h, w, cin, cout, k, s, pad = case
+    x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
+    kernel = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
+    bias = rng.standard_normal(cout, dtype=np.float32)
+    packed = K.pack_conv2d(kernel, im2col=True)
+    assert packed.im2col
+    assert_close(K.conv2d(x, packed, bias, strides=s, padding=pad, relu=True), naive.conv2d(x, kernel, bias, s, pad, relu=True))
 
 
 def test_cython_im2col_rejects_wrong_out(rng):

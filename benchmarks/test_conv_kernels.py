@@ -21,6 +21,15 @@ def make_layer(conv, rng):
     return x, w.astype(np.float32)
 
 
+def prepare(conv, x, w):
+    """What the engine does at load and plan time: pack the weights, allocate the scratch buffers."""
+    pads = (0, 0, 0, 0)
+    if conv.padding == "same":
+        pad = (conv.out_size - 1) * conv.stride + conv.kernel - conv.size
+        pads = (pad // 2, pad - pad // 2) * 2
+    return K.Conv2DPlan(K.pack_conv2d(w), x.shape, conv.stride, pads), np.zeros(conv.cout, np.float32)
+
+
 def check(result, expected):
     scale = np.abs(expected).max()
     assert np.abs(result - expected).max() <= 1e-4 * scale
@@ -35,10 +44,10 @@ def test_conv_shape(benchmark, engine, size, conv, count):
     x, w = make_layer(conv, rng)
     expected = conv2d_im2col_blas(x, w, conv.stride, conv.padding)
     if engine == "fastres":
-        packed, bias = K.pack_conv2d(w), np.zeros(conv.cout, np.float32)
+        plan, bias = prepare(conv, x, w)
         out = np.empty_like(expected)
-        K.conv2d(x, packed, bias, strides=conv.stride, padding=conv.padding, relu=True, out=out)  # JIT warm-up
-        result = benchmark(K.conv2d, x, packed, bias, strides=conv.stride, padding=conv.padding, relu=True, out=out)
+        plan(out, x, bias, K.NO_RESIDUAL, True)  # JIT warm-up
+        result = benchmark(plan, out, x, bias, K.NO_RESIDUAL, True)
     else:
         result = benchmark(conv2d_im2col_blas, x, w, conv.stride, conv.padding)
     check(result, expected)
@@ -54,13 +63,15 @@ def test_resnet50_all_convs(benchmark, engine, size):
     rng = np.random.default_rng(0)
     layers = [(c, *make_layer(c, rng)) for c in convs]
     if engine == "fastres":
-        packed = [(c, x, K.pack_conv2d(w), np.zeros(c.cout, np.float32)) for c, x, w in layers]
-        outs = [K.conv2d(x, p, b, strides=c.stride, padding=c.padding, relu=True) for c, x, p, b in packed]  # warm-up
+        plans = [(x, *prepare(c, x, w)) for c, x, w in layers]
+        outs = [np.empty(plan.output_shape, np.float32) for _, plan, _ in plans]
 
         def run():
-            for (c, x, p, b), out in zip(packed, outs):
-                K.conv2d(x, p, b, strides=c.stride, padding=c.padding, relu=True, out=out)
+            for (x, plan, bias), out in zip(plans, outs):
+                plan(out, x, bias, K.NO_RESIDUAL, True)
             return outs
+
+        run()  # JIT warm-up
     else:
         def run():
             return [conv2d_im2col_blas(x, w, c.stride, c.padding) for c, x, w in layers]

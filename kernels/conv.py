@@ -22,11 +22,12 @@ TILE = 4          # output pixels per register tile
 CHUNK = 16        # tiles per parallel task
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
-# Winograd only where it was measured to win (batch 1, medians, 2 cores): 28x28x128 1.6x,
-# 14x14x256 1.5x; 56x56x64 1.1x, 16x16x64 0.6x and 7x7x512 0.9x (its 4x larger weights and the
-# transforms cost more than the multiplications it saves).
-WINOGRAD_MIN_TILES = 16  # 4x4 output blocks per image
-WINOGRAD_MIN_CHANNELS = 128  # input channels
+# Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
+# 14x14x256 1.5x at batch 1; 7x7x512 1.4-1.9x and 4x4x256 1.4x from batch 2 and 8 on.  It loses
+# on small calls (16x16x64 at batch 1: 0.5x; 7x7x512 at batch 1: 0.9x), where its 4x larger
+# weights and the transforms cost more than the multiplications it saves.
+WINOGRAD_MIN_TILES = 8  # 4x4 output blocks in the whole batch
+WINOGRAD_MIN_FLOPS = 50e6  # of the direct convolution, per call
 WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
 
 
@@ -118,8 +119,36 @@ def pack_conv2d(w, im2col=False):
     return PackedConv2D(w, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
 
 
+@jit
+def pixel_starts(out_shape, in_shape, stride, runs):
+    """Offset in the flat padded input of each output pixel's first tap, per tile.
+
+    Parameters
+    ----------
+    out_shape : (N, OH, OW, Cout)
+    in_shape : (N, Hp, Wp, Cin), the padded input
+    stride : int
+    runs : int, 1, or N when every image has its own weights (tiles then stop at image ends)
+
+    Returns
+    -------
+    int64 (runs, ceil(pixels per run / TILE) * TILE); a run's last tile repeats its last pixel
+    """
+    n, oh, ow = out_shape[0], out_shape[1], out_shape[2]
+    hp, wp, cin = in_shape[1], in_shape[2], in_shape[3]
+    run_pixels = n * oh * ow // runs
+    ntiles = (run_pixels + TILE - 1) // TILE
+    starts = np.empty((runs, ntiles * TILE), np.int64)
+    for run in range(runs):
+        for local in range(ntiles * TILE):
+            q = run * run_pixels + min(local, run_pixels - 1)
+            img, rest = q // (oh * ow), q % (oh * ow)
+            starts[run, local] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
+    return starts
+
+
 @pjit
-def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
+def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
     """Direct convolution of a padded NHWC input with packed weights.
 
     The images of the batch may each have their own weights: with S weight sets,
@@ -130,14 +159,14 @@ def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
     out : float32 (N, OH, OW, Cout), written
     inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
     panels : float32 (S, nblk, KH*KW*Cin, 64) from ``pack_conv2d``; S is 1 or N
+    starts : int64 (runs, tiles * TILE) from ``pixel_starts`` (it holds the stride)
     bias : float32 (Cout,)
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
-    stride : int, the same along both axes
     relu : bool, apply max(0, .) while storing
     """
     n, oh, ow, cout = out.shape
-    hp, wp, cin = inp.shape[1], inp.shape[2], inp.shape[3]
+    wp, cin = inp.shape[2], inp.shape[3]
     sets, nblk, depth, _ = panels.shape
     kernel_h = depth // (kernel_w * cin)
     image_pixels = oh * ow
@@ -146,16 +175,10 @@ def conv2d_forward(out, inp, panels, bias, residual, kernel_w, stride, relu):
     y = out.reshape(n * image_pixels, cout)
     res = residual.reshape(-1, cout)
     # pixels are tiled image by image (when images have their own weights) or as one run
-    runs, run_pixels = (n, image_pixels) if sets > 1 else (1, n * image_pixels)
-    ntiles = (run_pixels + TILE - 1) // TILE
+    runs = starts.shape[0]
+    run_pixels = n * image_pixels // runs
+    ntiles = starts.shape[1] // TILE
     nchunks = (ntiles + CHUNK - 1) // CHUNK
-    # offset in x of each output pixel's first tap; a run's last tile repeats its last pixel
-    starts = np.empty((runs, ntiles * TILE), np.int64)
-    for i in prange(runs * ntiles * TILE):
-        run, local = i // (ntiles * TILE), i % (ntiles * TILE)
-        q = run * run_pixels + min(local, run_pixels - 1)
-        img, rest = q // image_pixels, q % image_pixels
-        starts[run, local] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
     # A task computes `group` panels for a run of CHUNK tiles, tile by tile, so each output
     # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
     group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
@@ -324,8 +347,9 @@ class Conv2DPlan:
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
     calls it on every forward pass.  Calling it checks nothing.  A stride-1 3x3
-    convolution with at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks runs as
-    Winograd F(4x4, 3x3) (``winograd=False`` forces the direct kernel).
+    convolution with at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks and
+    ``WINOGRAD_MIN_FLOPS`` runs as Winograd F(4x4, 3x3) (``winograd=False`` or
+    ``True`` forces the choice).
 
     Parameters
     ----------
@@ -345,7 +369,8 @@ class Conv2DPlan:
         self.output_shape = (n, oh, ow, cout)
         image_tiles = -(-oh // 4) * -(-ow // 4)
         if winograd is None:
-            winograd = image_tiles >= WINOGRAD_MIN_TILES and cin >= WINOGRAD_MIN_CHANNELS
+            flops = 2 * n * oh * ow * kh * kw * cin * cout
+            winograd = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
         self.winograd = winograd and (kh, kw) == (3, 3) and stride == 1 and not packed.im2col
         self.cols = self.v = self.m = None
         if self.winograd:
@@ -360,8 +385,14 @@ class Conv2DPlan:
             self.image_tiles = image_tiles
             self.panels = packed.winograd_panels()
             self.no_bias = np.zeros(cout, np.float32)
+            # the products run as 36 "images" of tiles x 1: starts for a full group and the last
+            self.starts = {t: pixel_starts((36, 1, t, cout), (36, 1, t, cin), 1, 36)
+                           for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
         elif packed.im2col:
             self.cols = np.empty((n * oh * ow, kh * kw * cin), np.float32)
+            self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
+        else:
+            self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
         self.padded = np.zeros((n, hp, wp, cin), np.float32) if any(self.pads) else None
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
@@ -375,7 +406,7 @@ class Conv2DPlan:
         residual : float32 (N, OH, OW, Cout) or NO_RESIDUAL
         relu : bool
         """
-        (kh, kw), stride = self.packed.kernel_size, self.stride
+        kh, kw = self.packed.kernel_size
         if self.padded is not None:
             zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
             x = self.padded
@@ -386,14 +417,14 @@ class Conv2DPlan:
                 v = self.v[: 36 * tiles * x.shape[3]].reshape(36, 1, tiles, x.shape[3])
                 m = self.m[: 36 * tiles * out.shape[3]].reshape(36, 1, tiles, out.shape[3])
                 input_transform_forward(v[:, 0], x[first:last], self.tiles_w)
-                conv2d_forward(m, v, self.panels, self.no_bias, NO_RESIDUAL, 1, 1, False)
+                conv2d_forward(m, v, self.panels, self.starts[tiles], self.no_bias, NO_RESIDUAL, 1, False)
                 res = residual if residual.size == 0 else residual[first:last]
                 output_transform_forward(out[first:last], m[:, 0], bias, res, relu)
             return out
         if self.cols is not None:
-            im2col_forward(self.cols, x, kh, kw, stride)
-            x, kw, stride = self.cols.reshape(*out.shape[:3], -1), 1, 1
-        conv2d_forward(out, x, self.packed.panels, bias, residual, kw, stride, relu)
+            im2col_forward(self.cols, x, kh, kw, self.stride)
+            x, kw = self.cols.reshape(*out.shape[:3], -1), 1
+        conv2d_forward(out, x, self.packed.panels, self.starts, bias, residual, kw, relu)
         return out
 
 

@@ -222,10 +222,11 @@ def test_winograd_matches_naive(case, rng):
 
 
 def test_winograd_is_chosen_only_where_it_wins():
-    kernel = np.zeros((3, 3, 128, 128), np.float32)
-    packed = K.pack_conv2d(kernel)
-    assert K.Conv2DPlan(packed, (1, 28, 28, 128), 1, (1, 1, 1, 1)).winograd
-    assert not K.Conv2DPlan(packed, (1, 7, 7, 128), 1, (1, 1, 1, 1)).winograd
-    assert not K.Conv2DPlan(packed, (1, 28, 28, 128), 2, (1, 1, 1, 1)).winograd
+    big = K.pack_conv2d(np.zeros((3, 3, 512, 512), np.float32))
+    assert K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).winograd
+    assert not K.Conv2DPlan(big, (1, 7, 7, 512), 1, (1, 1, 1, 1)).winograd     # 4 blocks
+    assert not K.Conv2DPlan(big, (2, 14, 14, 512), 2, (1, 1, 1, 1)).winograd   # stride 2
     small = K.pack_conv2d(np.zeros((3, 3, 64, 64), np.float32))
-    assert not K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
+    assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
+    assert not K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd  # 19 MFLOP
+    assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((5, 5, 64, 64), np.float32)), (1, 56, 56, 64), 1, (2, 2, 2, 2)).winograd

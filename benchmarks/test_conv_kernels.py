@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastres.kernels as K
-from fastres.resnet50_shapes import distinct, resnet50_convs
+from resnet50_shapes import distinct, resnet50_convs
 from reference import conv2d_im2col_blas
 
 SIZES = (224, 64)

@@ -264,9 +264,8 @@ class Plan:
                 self.input = allocate(op.name)
                 continue
             ins = [values[name] for name in op.inputs]
-            if op.kind == "Flatten" or (op.kind in ("Activation", "ReLU") and op.attrs["activation"] == "linear"):
+            if op.kind == "Flatten":  # a view of its input's buffer
                 allocate(op.name, alias=op.inputs[0])
-                values[op.name] = ins[0].reshape(values[op.name].shape)
             else:
                 out = allocate(op.name)
                 steps = _steps(model, op, ins, out, values.get(op.residual))
@@ -296,8 +295,8 @@ def _steps(model, op, ins, out, residual):
             x4, out4, stride = x, out, a["stride"]
             t, b, l, r = op.pads
             if a["padding"] == "same":
-                _, pt, pb = K._checks.same_padding(x.shape[1] + t + b, a["kernel"][0], stride)
-                _, pl, pr = K._checks.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
+                _, pt, pb = K.same_padding(x.shape[1] + t + b, a["kernel"][0], stride)
+                _, pl, pr = K.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
                 t, b, l, r = t + pt, b + pb, l + pl, r + pr
             pads = (t, b, l, r)
         conv = K.Conv2DPlan(packed, x4.shape, stride, pads)
@@ -328,8 +327,8 @@ def _steps(model, op, ins, out, residual):
         (ph, pw), (sh, sw) = a["pool"], a["stride"]
         top = left = 0
         if a["padding"] == "same":
-            top = K._checks.same_padding(x.shape[1], ph, sh)[1]
-            left = K._checks.same_padding(x.shape[2], pw, sw)[1]
+            top = K.same_padding(x.shape[1], ph, sh)[1]
+            left = K.same_padding(x.shape[2], pw, sw)[1]
         average = kind == "AveragePooling2D"
         steps.append(lambda: K.pool2d_forward(out, x, (ph, pw), (sh, sw), (top, left), average))
     elif kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):

@@ -4,6 +4,7 @@ Each public function checks its arguments and raises ValueError naming the
 argument, accepts ``out=``, and calls a private compiled kernel.  The kernels
 know nothing of models or files.
 """
+from ._checks import same_padding
 from ._im2col import im2col_forward
 from ._numba import get_num_threads, set_num_threads, threading_layer
 from .conv import NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba, pack_conv2d, zero_pad2d
@@ -18,7 +19,7 @@ from .pool import global_pool_forward, pool2d_forward
 
 __all__ = [
     "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "add_forward", "batch_norm_params", "conv2d_forward",
-    "global_pool_forward", "pool2d_forward", "relu_forward", "scale_shift_forward", "softmax_forward",
+    "global_pool_forward", "pool2d_forward", "relu_forward", "same_padding", "scale_shift_forward", "softmax_forward",
     "zero_pad_forward", "add_relu", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",
     "fold_batch_norm", "get_num_threads", "global_avg_pool2d", "global_max_pool2d", "im2col_forward",
     "im2col_numba", "max_pool2d", "pack_conv2d", "relu", "set_num_threads", "softmax",

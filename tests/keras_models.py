@@ -49,11 +49,12 @@ def course_resnet50(keras, input_shape=(64, 64, 3), classes=6, activation=None):
     L = keras.layers
     init = keras.initializers.GlorotUniform(seed=0)
 
-    def identity_block(x, f, filters, stage, block):
-        conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
+    def block(x, f, filters, stage, name, s=None):
+        """The course's identity block (s=None) or convolutional block (a projected shortcut, stride s)."""
+        conv, bn = f"res{stage}{name}_branch", f"bn{stage}{name}_branch"
         f1, f2, f3 = filters
         shortcut = x
-        x = L.Conv2D(f1, 1, padding="valid", name=conv + "2a", kernel_initializer=init)(x)
+        x = L.Conv2D(f1, 1, strides=s or 1, padding="valid", name=conv + "2a", kernel_initializer=init)(x)
         x = L.BatchNormalization(axis=3, name=bn + "2a")(x)
         x = L.Activation("relu")(x)
         x = L.Conv2D(f2, f, padding="same", name=conv + "2b", kernel_initializer=init)(x)
@@ -61,23 +62,9 @@ def course_resnet50(keras, input_shape=(64, 64, 3), classes=6, activation=None):
         x = L.Activation("relu")(x)
         x = L.Conv2D(f3, 1, padding="valid", name=conv + "2c", kernel_initializer=init)(x)
         x = L.BatchNormalization(axis=3, name=bn + "2c")(x)
-        x = L.Add()([x, shortcut])
-        return L.Activation("relu")(x)
-
-    def conv_block(x, f, filters, stage, block, s=2):
-        conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
-        f1, f2, f3 = filters
-        shortcut = x
-        x = L.Conv2D(f1, 1, strides=s, padding="valid", name=conv + "2a", kernel_initializer=init)(x)
-        x = L.BatchNormalization(axis=3, name=bn + "2a")(x)
-        x = L.Activation("relu")(x)
-        x = L.Conv2D(f2, f, padding="same", name=conv + "2b", kernel_initializer=init)(x)
-        x = L.BatchNormalization(axis=3, name=bn + "2b")(x)
-        x = L.Activation("relu")(x)
-        x = L.Conv2D(f3, 1, padding="valid", name=conv + "2c", kernel_initializer=init)(x)
-        x = L.BatchNormalization(axis=3, name=bn + "2c")(x)
-        shortcut = L.Conv2D(f3, 1, strides=s, padding="valid", name=conv + "1", kernel_initializer=init)(shortcut)
-        shortcut = L.BatchNormalization(axis=3, name=bn + "1")(shortcut)
+        if s is not None:
+            shortcut = L.Conv2D(f3, 1, strides=s, padding="valid", name=conv + "1", kernel_initializer=init)(shortcut)
+            shortcut = L.BatchNormalization(axis=3, name=bn + "1")(shortcut)
         x = L.Add()([x, shortcut])
         return L.Activation("relu")(x)
 
@@ -87,18 +74,9 @@ def course_resnet50(keras, input_shape=(64, 64, 3), classes=6, activation=None):
     x = L.BatchNormalization(axis=3, name="bn_conv1")(x)
     x = L.Activation("relu")(x)
     x = L.MaxPooling2D((3, 3), strides=(2, 2))(x)
-    x = conv_block(x, 3, [64, 64, 256], 2, "a", s=1)
-    x = identity_block(x, 3, [64, 64, 256], 2, "b")
-    x = identity_block(x, 3, [64, 64, 256], 2, "c")
-    x = conv_block(x, 3, [128, 128, 512], 3, "a")
-    for b in "bcd":
-        x = identity_block(x, 3, [128, 128, 512], 3, b)
-    x = conv_block(x, 3, [256, 256, 1024], 4, "a")
-    for b in "bcdef":
-        x = identity_block(x, 3, [256, 256, 1024], 4, b)
-    x = conv_block(x, 3, [512, 512, 2048], 5, "a")
-    x = identity_block(x, 3, [512, 512, 2048], 5, "b")
-    x = identity_block(x, 3, [512, 512, 2048], 5, "c")
+    for stage, filters, blocks, stride in [(2, 64, "abc", 1), (3, 128, "abcd", 2), (4, 256, "abcdef", 2), (5, 512, "abc", 2)]:
+        for name in blocks:
+            x = block(x, 3, [filters, filters, 4 * filters], stage, name, s=stride if name == "a" else None)
     x = L.AveragePooling2D((2, 2), name="avg_pool")(x)
     x = L.Flatten()(x)
     x = L.Dense(classes, activation=activation, name=f"fc{classes}", kernel_initializer=init)(x)

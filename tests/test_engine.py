@@ -30,15 +30,24 @@ def files(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
+def build_and_save(keras, build, seed, path, weights_only=False):
+    """Build a reference model with fixed seeds and randomised batch-norm statistics, and save it."""
+    km.seed(keras, seed)
+    model = km.randomize_batch_norm(build(), seed_value=seed)
+    if weights_only:
+        model.save_weights(path)
+    else:
+        model.save(path)
+    return model
+
+
 # ------------------------------------------------------------------ the course ResNet50
 
 @pytest.mark.parametrize("version,suffix", [("keras2", ".h5"), ("keras3", ".h5"), ("keras3", ".keras")])
 def test_course_resnet50(version, suffix, files):
     keras = getattr(km, version)()
-    km.seed(keras, 1)
-    model = km.randomize_batch_norm(km.course_resnet50(keras), seed_value=1)
     path = files / f"course_{version}{suffix}"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.course_resnet50(keras), 1, path)
     x = images((3, 64, 64, 3), seed=2)
     fr = fastres.load(path)
     assert fr.input_shape == (None, 64, 64, 3) and fr.output_shape == (None, 6)
@@ -52,10 +61,8 @@ def test_course_resnet50(version, suffix, files):
 
 def test_course_resnet50_softmax_output(files):
     keras = km.keras2()
-    km.seed(keras, 3)
-    model = km.randomize_batch_norm(km.course_resnet50(keras, activation="softmax"), seed_value=3)
     path = files / "course_softmax.h5"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.course_resnet50(keras, activation="softmax"), 3, path)
     x = images((2, 64, 64, 3), seed=4)
     probs = fastres.load(path).predict(x)
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
@@ -69,20 +76,16 @@ def test_course_resnet50_softmax_output(files):
 ])
 def test_applications_resnet(depth, size, batch, version, files):
     keras = getattr(km, version)()
-    km.seed(keras, depth)
-    model = km.randomize_batch_norm(km.applications_resnet(keras, depth, (size, size, 3), classes=10), seed_value=depth)
     path = files / f"resnet{depth}_{size}_{version}{'.keras' if version == 'keras3' else '.h5'}"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.applications_resnet(keras, depth, (size, size, 3), classes=10), depth, path)
     x = images((batch, size, size, 3), seed=depth)
     assert_matches(fastres.load(path).predict(x), model(x, training=False))
 
 
 def test_resnet101_at_224(files):
     keras = km.keras2()
-    km.seed(keras, 7)
-    model = km.randomize_batch_norm(km.applications_resnet(keras, 101, (224, 224, 3)), seed_value=7)
     path = files / "resnet101_224.h5"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.applications_resnet(keras, 101, (224, 224, 3)), 7, path)
     x = images((1, 224, 224, 3), seed=7)
     assert_matches(fastres.load(path).predict(x), model(x, training=False))
 
@@ -91,10 +94,9 @@ def test_resnet101_at_224(files):
 
 def test_weights_only_applications_layout(files):
     keras = km.keras2()
-    km.seed(keras, 11)
-    model = km.randomize_batch_norm(km.applications_resnet(keras, 50, (224, 224, 3), classes=12), seed_value=11)
     path = files / "resnet50_weights.h5"
-    model.save_weights(path)
+    model = build_and_save(keras, lambda: km.applications_resnet(keras, 50, (224, 224, 3), classes=12), 11, path,
+                           weights_only=True)
     fr = fastres.load(path, architecture="resnet50", classifier_activation=None)
     assert fr.input_shape == (None, None, None, 3) and fr.output_shape == (None, 12)
     x = images((1, 224, 224, 3), seed=11)
@@ -107,10 +109,8 @@ def test_weights_only_applications_layout(files):
 
 def test_weights_only_classic_layout(files):
     keras = km.keras2()
-    km.seed(keras, 12)
-    model = km.randomize_batch_norm(km.course_resnet50(keras), seed_value=12)
     path = files / "course_weights.h5"
-    model.save_weights(path)
+    model = build_and_save(keras, lambda: km.course_resnet50(keras), 12, path, weights_only=True)
     x = images((2, 64, 64, 3), seed=12)
     assert_matches(fastres.load(path, architecture="resnet50", classifier_activation=None).predict(x),
                    model(x, training=False))
@@ -136,10 +136,8 @@ def test_weights_only_needs_architecture(files):
 @pytest.mark.parametrize("build,shape", [(km.small_sequential, (13, 11, 3)), (km.rare_options, (15, 14, 5))])
 def test_small_models(version, build, shape, files):
     keras = getattr(km, version)()
-    km.seed(keras, 5)
-    model = km.randomize_batch_norm(build(keras), seed_value=5)
     path = files / f"{build.__name__}_{version}.h5"
-    model.save(path)
+    model = build_and_save(keras, lambda: build(keras), 5, path)
     x = images((3, *shape), seed=5)
     assert_matches(fastres.load(path).predict(x), model(x, training=False))
 
@@ -147,10 +145,8 @@ def test_small_models(version, build, shape, files):
 def test_split_attributes(files):
     """HDF5 splits long attributes into layer_names0, layer_names1, ...; fastres joins them."""
     keras = km.keras2()
-    km.seed(keras, 6)
-    model = km.randomize_batch_norm(km.rare_options(keras), seed_value=6)
     path = files / "split.h5"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.rare_options(keras), 6, path)
     with h5py.File(path, "r+") as f:
         for group in [f["model_weights"]] + [f["model_weights"][n] for n in f["model_weights"]]:
             for attr in ("layer_names", "weight_names"):
@@ -168,10 +164,8 @@ def test_split_attributes(files):
 @pytest.fixture(scope="module")
 def small(files):
     keras = km.keras3()
-    km.seed(keras, 8)
-    model = km.randomize_batch_norm(km.rare_options(keras), seed_value=8)
     path = files / "small.keras"
-    model.save(path)
+    model = build_and_save(keras, lambda: km.rare_options(keras), 8, path)
     return model, path
 
 

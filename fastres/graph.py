@@ -331,6 +331,14 @@ def infer_shapes(layers, input_shape):
 
 # ---------------------------------------------------------------- rewrites
 
+def batch_norm_weights(layer):
+    """(gamma, beta, mean, var) of a BatchNormalization layer; gamma/beta are None when Keras stores none."""
+    w = iter(layer.weights)
+    gamma = next(w) if layer.attrs["scale"] else None
+    beta = next(w) if layer.attrs["center"] else None
+    return gamma, beta, next(w), next(w)
+
+
 def _consumers(layers):
     count = {}
     for layer in layers:
@@ -378,14 +386,10 @@ def fuse(layers, output):
             elif step == "fold" and layer.kind == "BatchNormalization":
                 conv = single_producer(layer, ("Conv2D", "Dense"))
                 if conv is not None and conv.activation == "linear":
-                    a = layer.attrs
-                    w = iter(layer.weights)
-                    gamma = next(w) if a["scale"] else None
-                    beta = next(w) if a["center"] else None
-                    mean, var = next(w), next(w)
                     kernel = conv.weights[0]
                     bias = conv.weights[1] if len(conv.weights) > 1 else None
-                    conv.weights = list(K.fold_batch_norm(kernel, bias, gamma, beta, mean, var, a["epsilon"]))
+                    conv.weights = list(K.fold_batch_norm(kernel, bias, *batch_norm_weights(layer),
+                                                          layer.attrs["epsilon"]))
                     conv.folded.append(layer.name)
                     remove(layer)
             elif step == "add" and layer.kind == "Add" and len(layer.inputs) == 2:

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import architectures, kernels as K
 from .errors import FastresError, InputError, ModelFormatError
-from .graph import attach_weights, fuse, infer_shapes, parse_config
+from .graph import attach_weights, batch_norm_weights, fuse, infer_shapes, parse_config
 from .kerasfile import read_model_file
 
 
@@ -303,10 +303,7 @@ def _steps(model, op, ins, out, residual):
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))
     elif kind == "BatchNormalization":
-        w = iter(op.weights)
-        gamma = next(w) if a["scale"] else None
-        beta = next(w) if a["center"] else None
-        scale, shift = K.batch_norm_params(op.name, x.shape[-1], gamma, beta, next(w), next(w), a["epsilon"])
+        scale, shift = K.batch_norm_params(op.name, x.shape[-1], *batch_norm_weights(op), a["epsilon"])
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
         steps.append(lambda: K.scale_shift_forward(rows_out, rows_in, scale, shift, relu))
     elif kind in ("Activation", "ReLU"):

@@ -15,7 +15,7 @@ from numba import carray, prange
 from . import _checks
 from ._im2col import im2col_forward
 from ._numba import jit, pjit, stack_f32
-from .winograd import input_transform_forward, output_transform_forward
+from .winograd import input_transform_forward, output_transform_forward, transform_kernel
 
 PANEL = 64        # output channels per packed panel
 TILE = 4          # output pixels per register tile
@@ -62,10 +62,7 @@ class PackedConv2D:
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
         if self._winograd is None:
-            from .winograd import transform_kernel
-
-            transformed = transform_kernel(self.weights)  # (36, Cin, Cout)
-            self._winograd = _pack(transformed)
+            self._winograd = _pack(transform_kernel(self.weights))  # from (36, Cin, Cout)
         return self._winograd
 
 

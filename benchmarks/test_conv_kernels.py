@@ -79,3 +79,17 @@ def test_resnet50_all_convs(benchmark, engine, size):
     results = benchmark(run)
     c, x, w = layers[-1]
     check(results[-1], conv2d_im2col_blas(x, w, c.stride, c.padding))
+
+
+def test_fma_peak(benchmark):
+    """The machine's float32 multiply-add ceiling for the compiled width: the roofline of the rows above."""
+    from fastres.kernels import roofline
+
+    benchmark.group = "machine: FMA peak (independent vector multiply-adds on every thread)"
+    out = np.empty((K.get_num_threads(), roofline.ACC), np.float32)
+    roofline.fma_peak_forward(out, 16)  # JIT warm-up
+    steps = roofline.PEAK_STEPS
+    benchmark.extra_info["gflop"] = 2 * out.size * steps / 1e9
+    benchmark.extra_info.update(isa=roofline.ISA, tile=f"{roofline.TILE}x{roofline.PANEL}")
+    benchmark(roofline.fma_peak_forward, out, steps)
+    assert np.isfinite(out).all() and out[0, 1] > 1

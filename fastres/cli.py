@@ -190,25 +190,38 @@ def _info(args):
     return 0
 
 
+def _machine_line(m):
+    """One line naming what the figures were measured on."""
+    return (f"{m['cpu']} ({m['llvm_cpu']}), {m['isa']} {m['vector_bits']}-bit, tile {m['tile']}, "
+            f"{m['threads']} threads: FMA peak {m['peak_gflops']:.0f} GFLOPS, read {m['read_gbps']:.0f} GB/s")
+
+
 def _profile(args):
+    from .kernels import roofline
+
     path, model, shape = _model_and_input(args)
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
     times = dict(model.profile(x, args.runs))
-    rows = [dict(r, seconds=times.get(r["name"], 0.0)) for r in model.describe(shape) if r["name"] in times]
+    machine = roofline.machine()
+    peak = machine["peak_gflops"]
+    rows = [dict(r, seconds=times.get(r["name"], 0.0), kernel=model.last_kernels.get(r["name"], ""))
+            for r in model.describe(shape) if r["name"] in times]
     total = sum(r["seconds"] for r in rows)
     for r in rows:
         r["gflops"] = r["flops"] * args.batch / r["seconds"] / 1e9 if r["seconds"] else 0.0
+        r["percent_of_peak"] = 100 * r["gflops"] / peak if peak else 0.0
         r["share"] = r["seconds"] / total if total else 0.0
     if args.json:
         print(json.dumps({"file": path, "batch": args.batch, "input_shape": [None, *shape], "runs": args.runs,
-                          "total_seconds": total, "layers": rows}, indent=1))
+                          "machine": machine, "total_seconds": total, "layers": rows}, indent=1))
         return 0
     print(f"{path}: batch {args.batch} at {shape[0]}x{shape[1]}, median of {args.runs} runs per layer")
-    print(_table(["layer", "kind (fused)", "ms", "GFLOPS", "share"],
-                 [(r["name"], r["kind"], f"{r['seconds'] * 1e3:.3f}", f"{r['gflops']:.1f}", f"{100 * r['share']:.1f}%")
-                  for r in rows]))
+    print(_machine_line(machine))
+    print(_table(["layer", "kind (fused)", "kernel", "ms", "GFLOPS", "% peak", "share"],
+                 [(r["name"], r["kind"], r["kernel"], f"{r['seconds'] * 1e3:.3f}", f"{r['gflops']:.1f}",
+                   f"{r['percent_of_peak']:.0f}%", f"{100 * r['share']:.1f}%") for r in rows]))
     flops = sum(r["flops"] for r in rows) * args.batch
-    print(f"sum: {total * 1e3:.2f} ms, {flops / total / 1e9:.1f} GFLOPS")
+    print(f"sum: {total * 1e3:.2f} ms, {flops / total / 1e9:.1f} GFLOPS ({100 * flops / total / 1e9 / peak:.0f}% of peak)")
     return 0
 
 
@@ -443,6 +456,10 @@ def _bench(args):
         out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
         results[name] = {"status": "ok", "times": peer_times, "max_abs_diff": float(np.abs(out - reference).max()),
                          "reference_max_abs": float(np.abs(reference).max())}
+    say("measuring this machine's FMA peak and read bandwidth ...")
+    from .kernels import roofline
+
+    machine = roofline.machine()
     say("measuring start-up in fresh processes ...")
     warm = _startup(path, shape, args.threads, cold=False)
     cold = None if args.no_cold else _startup(path, shape, args.threads, cold=True)
@@ -453,7 +470,8 @@ def _bench(args):
             r.update(median_ms=float(np.median(t) * 1e3), p90_ms=float(np.percentile(t, 90) * 1e3),
                      images_per_second=args.batch / float(np.median(t)),
                      fastres_speedup=float(np.median(t)) / fast_median)
-    report = {"model": path, "batch": args.batch, "input_shape": [None, *shape], "threads": threads, "runs": args.runs,
+    report = {"model": path, "machine": machine, "batch": args.batch, "input_shape": [None, *shape], "threads": threads,
+              "runs": args.runs,
               "warmup": args.warmup, "engines": results, "first_result_seconds_warm": warm["seconds"],
               "first_result_seconds_cold": cold and cold["seconds"], "peak_memory_bytes": warm["peak_bytes"],
               "weights_bytes": model.weights_bytes}
@@ -473,6 +491,7 @@ def _bench(args):
             diff = "(reference)" if name == "fastres" else f"{r['max_abs_diff']:.2e} (of {r['reference_max_abs']:.2e})"
             rows.append((name, f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['images_per_second']:.1f}",
                          f"{r['fastres_speedup']:.2f}x", diff))
+        print(_machine_line(machine))
         print(_table(["engine", "median ms", "p90 ms", "images/s", "fastres speed-up", "max |diff| vs fastres"], rows))
         print(f"load to first result: {warm['seconds']:.2f} s with a warm Numba cache"
               + ("" if cold is None else f", {cold['seconds']:.2f} s cold (compiling every kernel)"))

@@ -77,6 +77,7 @@ class Model:
         for layer in layers:
             layer.weights = []
         self._local = threading.local()
+        self.last_kernels = {}  # after profile(): the kernel each convolution ran, by layer name
 
     @property
     def input_shape(self):
@@ -158,6 +159,7 @@ class Model:
         x = self._check_input(x)
         self._run(x)  # plans and compiles
         plan = self._local.plans[x.shape]
+        self.last_kernels = dict(plan.kernels)  # which kernel each convolution ran (profile shows it)
         samples = {name: [] for name in dict.fromkeys(plan.names)}
         for _ in range(max(1, runs)):
             plan.input[...] = x
@@ -233,7 +235,7 @@ class Plan:
             for name in op.inputs + ([op.residual] if op.residual else []):
                 last_use[name] = i
         last_use[output] = len(ops)
-        free, values, self.steps, self.names = [], {}, [], []
+        free, values, self.steps, self.names, self.kernels = [], {}, [], [], {}
         storage_of, users = {}, {}
 
         def allocate(name, alias=None):
@@ -245,7 +247,7 @@ class Plan:
                 if fits:
                     store = free.pop(min(fits, key=lambda i: free[i].size))
                 else:
-                    store = np.empty(size, np.float32)
+                    store = K.aligned_empty(size)  # 64-byte aligned: whole-line vector stores
             storage_of[name] = store
             users.setdefault(id(store), set()).add(name)
             values[name] = store[:size].reshape((n, *shapes[name]))
@@ -269,6 +271,7 @@ class Plan:
             else:
                 out = allocate(op.name)
                 steps = _steps(model, op, ins, out, values.get(op.residual))
+                self.kernels.update({op.name: step.kernel for step in steps if hasattr(step, "kernel")})
                 self.steps.extend(steps)
                 self.names.extend([op.name] * len(steps))
             release(i)
@@ -302,6 +305,7 @@ def _steps(model, op, ins, out, residual):
         conv = K.Conv2DPlan(packed, x4.shape, stride, pads)
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))
+        steps[-1].kernel = conv.kernel
     elif kind == "BatchNormalization":
         scale, shift = K.batch_norm_params(op.name, x.shape[-1], *batch_norm_weights(op), a["epsilon"])
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])

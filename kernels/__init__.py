@@ -6,6 +6,7 @@ know nothing of models or files.
 """
 from ._checks import same_padding
 from ._im2col import im2col_forward
+from ._memory import empty as aligned_empty
 from ._numba import get_num_threads, set_num_threads, threading_layer
 from .conv import NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba, pack_conv2d, zero_pad2d
 from .elementwise import add_relu, batch_norm, batch_norm_params, bias_add, fold_batch_norm, relu, softmax
@@ -20,7 +21,7 @@ from .pool import global_pool_forward, pool2d_forward
 __all__ = [
     "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "add_forward", "batch_norm_params", "conv2d_forward",
     "global_pool_forward", "pool2d_forward", "relu_forward", "same_padding", "scale_shift_forward", "softmax_forward",
-    "zero_pad_forward", "add_relu", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",
+    "zero_pad_forward", "add_relu", "aligned_empty", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",
     "fold_batch_norm", "get_num_threads", "global_avg_pool2d", "global_max_pool2d", "im2col_forward",
     "im2col_numba", "max_pool2d", "pack_conv2d", "relu", "set_num_threads", "softmax",
     "threading_layer", "zero_pad2d",

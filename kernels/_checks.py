@@ -6,6 +6,8 @@ never a Numba typing error or a crash inside a kernel.
 """
 import numpy as np
 
+from . import _memory
+
 
 def array(func, name, value, ndim=None, allow_empty=False):
     """Return ``value`` as a C-contiguous float32 array after checking it."""
@@ -56,7 +58,7 @@ def padding_mode(func, padding):
 def output(func, out, shape):
     """Return ``out`` (allocated when None) after checking its shape, dtype and layout."""
     if out is None:
-        return np.empty(shape, np.float32)
+        return _memory.empty(shape)
     if not isinstance(out, np.ndarray) or out.dtype != np.float32:
         raise ValueError(f"{func}: out must be a float32 numpy array")
     if out.shape != tuple(shape):

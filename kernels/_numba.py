@@ -13,9 +13,33 @@ repeated on a decorator:
 * Threading layer ``omp``. ``workqueue`` costs ~90 us per parallel call and aborts
   the process when two Python threads enter a parallel kernel at once; ``tbb`` is
   not a dependency.  ``NUMBA_THREADING_LAYER`` in the environment still wins.
+* The code-generation target, so that the vector width is fastres's choice and not
+  LLVM's tuning: see ``ISA`` below.
+
+The instruction set and the vector width
+-----------------------------------------
+``ISA`` is ``"avx512"``, ``"avx2"`` (AVX2 with FMA) or ``"sse"`` (anything else),
+found by compiling a two-line probe for the target Numba will compile for (the
+host, or ``NUMBA_CPU_NAME``); ``VECTOR_FLOATS`` is its width in float32 lanes
+(16, 8, 4).  The convolution's register tile is chosen from these (``conv.py``).
+
+On AVX-512 fastres turns off LLVM's ``prefer-256-bit`` tuning: LLVM's models of
+Intel server cores (Skylake-X to Emerald Rapids) carry it, and the auto-vectoriser
+then splits the 6 x 64 accumulator tile into 48 ymm registers, twice the register
+file, and spills (ResNet50 ran 1.45x slower).  This is a process-wide Numba
+setting: **the user's own Numba code in the same process is compiled with 512-bit
+vectors too**, and its cached functions recompile once (Numba's cache is keyed by
+the target).  It does not apply when Numba has compiled something before fastres
+was imported (the target is fixed by then); fastres then reads the width Numba
+really uses and picks its tile from that.  ``NUMBA_CPU_FEATURES`` in the
+environment is taken as it is; ``NUMBA_CPU_NAME=haswell`` (or any LLVM CPU name)
+compiles for that CPU's own features rather than the host's, which is how the
+tests run the kernels for other x86 targets on one machine.
 """
 import os
+import platform
 
+import llvmlite.binding as ll
 import numba
 from llvmlite import ir
 from numba.core import cgutils, types
@@ -23,6 +47,79 @@ from numba.extending import intrinsic
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"
+
+_PROBE = """
+define void @probe(ptr %a, ptr %b) "min-legal-vector-width"="512" {
+  %x = load <16 x float>, ptr %a
+  %y = call <16 x float> @llvm.fma.v16f32(<16 x float> %x, <16 x float> %x, <16 x float> %x)
+  store <16 x float> %y, ptr %a
+  %u = load <8 x float>, ptr %b
+  %v = call <8 x float> @llvm.fma.v8f32(<8 x float> %u, <8 x float> %u, <8 x float> %u)
+  store <8 x float> %v, ptr %b
+  ret void
+}
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
+"""
+
+
+def _probe_isa(cpu_name, features):
+    """Compile ``_PROBE`` for the target and read the ISA off the assembly."""
+    ll.initialize_native_target()
+    ll.initialize_native_asmprinter()
+    machine = ll.Target.from_default_triple().create_target_machine(cpu=cpu_name, features=features, opt=2)
+    asm = machine.emit_assembly(ll.parse_assembly(_PROBE))
+    if "zmm" in asm:
+        return "avx512"
+    return "avx2" if "vfmadd" in asm and "ymm" in asm else "sse"
+
+
+def _started_codegen():
+    """Numba's CPU code generator if it exists already (its target can no longer change), else None."""
+    from numba.core.registry import cpu_target
+    if "_toplevel_target_context" not in vars(cpu_target):
+        return None
+    return cpu_target.target_context.codegen()
+
+
+def _choose_target():
+    """Set Numba's target features for this process; return (cpu name, features, ISA)."""
+    config = numba.config
+    codegen = _started_codegen()
+    if codegen is not None:                       # too late to choose: use what Numba compiles for
+        cpu_name, features = codegen._get_host_cpu_name(), codegen._tm_features
+        isa = _probe_isa(cpu_name, features)
+        if isa == "avx512" and "-prefer-256-bit" not in features:
+            isa = "avx2"                          # the auto-vectoriser will emit 256-bit vectors
+        return cpu_name, features, isa
+    cpu_name = config.CPU_NAME or ll.get_host_cpu_name()
+    if config.CPU_FEATURES is not None:           # the user's (or "generic"'s) features, as they are
+        features = config.CPU_FEATURES
+    elif config.CPU_NAME is not None:             # another CPU: its own features, not the host's
+        features = ""
+    else:
+        features = ll.get_host_cpu_features().flatten()
+    isa = _probe_isa(cpu_name, features)
+    if isa == "avx512" and "prefer-256-bit" not in features:
+        features = f"{features},-prefer-256-bit".lstrip(",")
+    config.CPU_FEATURES = features
+    return cpu_name, features, isa
+
+
+CPU_NAME, CPU_FEATURES, ISA = _choose_target()
+VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "sse": 4}[ISA]
+
+
+def cpu_model():
+    """The CPU's name as the system reports it (``/proc/cpuinfo``), else the platform's description."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 
@@ -32,6 +129,16 @@ _FLAGS = dict(fastmath=set(FASTMATH), cache=True, boundscheck=False, error_model
 def jit(func):
     """Compile ``func`` serially with fastres's flags."""
     return numba.njit(**_FLAGS)(func)
+
+
+def inline(func):
+    """Compile ``func`` with fastres's flags, inlined into its callers in Numba's IR.
+
+    For helpers that take stack buffers: inlined, LLVM sees that the buffers are
+    distinct allocations and vectorises the helper's loops; called, it must assume
+    they overlap and keeps them scalar.
+    """
+    return numba.njit(inline="always", **_FLAGS)(func)
 
 
 def pjit(func):
@@ -58,21 +165,35 @@ def threading_layer():
     return numba.threading_layer()
 
 
-@intrinsic
-def stack_f32(typingctx, size):
-    """Return a pointer to ``size`` float32 on the stack of the calling function.
+def _stack_array(element, numba_type):
+    """An intrinsic returning a pointer to ``size`` elements on the caller's stack."""
 
-    ``size`` must be a compile-time constant.  The array lives in the function's
-    entry block, so LLVM can keep it in vector registers; wrap it with
-    ``numba.carray``.  This is what makes the convolution accumulators fast:
-    an ``np.zeros`` in the loop lives on the heap and is 50x slower.
-    """
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    count = size.literal_value
+    def stack_array(typingctx, size):
+        if not isinstance(size, types.IntegerLiteral):
+            return None
+        count = size.literal_value
 
-    def codegen(context, builder, signature, args):
-        slot = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), count))
-        return builder.bitcast(slot, ir.PointerType(ir.FloatType()))
+        def codegen(context, builder, signature, args):
+            slot = cgutils.alloca_once(builder, ir.ArrayType(element, count))
+            return builder.bitcast(slot, ir.PointerType(element))
 
-    return types.CPointer(types.float32)(size), codegen
+        return types.CPointer(numba_type)(size), codegen
+
+    return intrinsic(stack_array)
+
+
+stack_f32 = _stack_array(ir.FloatType(), types.float32)
+stack_f32.__doc__ = """Return a pointer to ``size`` float32 on the stack of the calling function.
+
+``size`` must be a compile-time constant.  The array lives in the function's
+entry block, so LLVM can keep it in vector registers; wrap it with
+``numba.carray``.  This is what makes the convolution accumulators fast:
+an ``np.zeros`` in the loop lives on the heap and is 50x slower.
+"""
+stack_u64 = _stack_array(ir.IntType(64), types.uint64)
+stack_u64.__doc__ = """Return a pointer to ``size`` uint64 on the stack (offsets kept in registers).
+
+Unsigned offsets matter: Numba wraps a negative signed index around, which costs a
+test and a mask on every load of the convolution's inner loop; an unsigned one cannot
+be negative.
+"""

@@ -12,14 +12,17 @@ fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here)
 import numpy as np
 from numba import carray, prange
 
-from . import _checks
+from . import _checks, _memory, wisdom
 from ._im2col import im2col_forward
-from ._numba import jit, pjit, stack_f32
+from ._numba import CPU_NAME, ISA, cpu_model, get_num_threads, jit, pjit, stack_f32, stack_u64
 from .winograd import input_transform_forward, output_transform_forward, transform_kernel
 
-PANEL = 64        # output channels per packed panel
-TILE = 4          # output pixels per register tile
-CHUNK = 16        # tiles per parallel task
+# The register tile, TILE output pixels x PANEL output channels, fills the vector register
+# file without spilling: TILE * PANEL / lanes accumulators, PANEL / lanes weight vectors and
+# a broadcast.  AVX-512: 6 x 64 = 24 zmm + 4 + 1 of 32.  AVX2: 6 x 16 = 12 ymm + 2 + 1 of 16.
+# SSE (no FMA: a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
+PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "sse": (8, 4)}[ISA]
+CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
 # Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
@@ -29,6 +32,8 @@ GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits
 WINOGRAD_MIN_TILES = 8  # 4x4 output blocks in the whole batch
 WINOGRAD_MIN_FLOPS = 50e6  # of the direct convolution, per call
 WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
+WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per machine (``wisdom``)
+MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL}"  # what wisdom is recorded for
 
 
 class PackedConv2D:
@@ -59,6 +64,10 @@ class PackedConv2D:
     def out_channels(self):
         return self.shape[3]
 
+    def drop_winograd(self):
+        """Release the Winograd packing (plans that use it keep their own reference)."""
+        self._winograd = None
+
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
         if self._winograd is None:
@@ -87,7 +96,7 @@ def _pack_panels(panels, w3d):
 
 def _pack(w3d):
     sets, k, cout = w3d.shape
-    panels = np.empty((sets, -(-cout // PANEL), k, PANEL), np.float32)
+    panels = _memory.empty((sets, -(-cout // PANEL), k, PANEL))
     _pack_panels(panels, np.ascontiguousarray(w3d, dtype=np.float32))
     return panels
 
@@ -144,8 +153,31 @@ def pixel_starts(out_shape, in_shape, stride, runs):
     return starts
 
 
+def work_split(runs, ntiles, nblk, depth, threads):
+    """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
+
+    A task computes a group of panels (whose weights stay in L2, ``GROUP_BYTES``) for a
+    run of about ``CHUNK`` tiles.  Numba hands each thread an equal share of the tasks,
+    so the task count is grown, along whichever side has more work per task, until it
+    is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per thread.
+    """
+    group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
+    ngroups, nchunks = -(-nblk // group), -(-ntiles // CHUNK)
+    while True:
+        tasks = runs * nchunks * ngroups
+        if tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads):
+            break
+        if nchunks < ntiles and (ngroups >= nblk or ntiles / nchunks >= nblk / ngroups):
+            nchunks += 1
+        elif ngroups < nblk:
+            ngroups += 1
+        else:
+            break
+    return nchunks, -(-nblk // ngroups)
+
+
 @pjit
-def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
+def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
     """Direct convolution of a padded NHWC input with packed weights.
 
     The images of the batch may each have their own weights: with S weight sets,
@@ -161,11 +193,14 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
     relu : bool, apply max(0, .) while storing
+    nchunks, group : int, from ``work_split``: each run's tiles are cut into ``nchunks``
+        even runs, its panels into groups of ``group``, and each pair is a task
     """
     n, oh, ow, cout = out.shape
     wp, cin = inp.shape[2], inp.shape[3]
     sets, nblk, depth, _ = panels.shape
-    kernel_h = depth // (kernel_w * cin)
+    row = kernel_w * cin
+    kernel_h = depth // row
     image_pixels = oh * ow
     has_residual = residual.size > 0
     x = inp.reshape(-1)
@@ -175,10 +210,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
     runs = starts.shape[0]
     run_pixels = n * image_pixels // runs
     ntiles = starts.shape[1] // TILE
-    nchunks = (ntiles + CHUNK - 1) // CHUNK
-    # A task computes `group` panels for a run of CHUNK tiles, tile by tile, so each output
+    # A task computes `group` panels for a run of tiles, tile by tile, so each output
     # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
-    group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
     ngroups = (nblk + group - 1) // group
     for task in prange(runs * nchunks * ngroups):
         run = task // (nchunks * ngroups)
@@ -186,12 +219,10 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
         first = task % ngroups * group
         wset = run % sets
         acc = carray(stack_f32(ACC), (TILE, PANEL))
-        for tile in range(chunk * CHUNK, min(ntiles, (chunk + 1) * CHUNK)):
+        xv = carray(stack_f32(TILE), (TILE,))
+        xb = carray(stack_u64(TILE), (TILE,))
+        for tile in range(chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks):
             local0 = tile * TILE
-            b0 = starts[run, local0]
-            b1 = starts[run, local0 + 1]
-            b2 = starts[run, local0 + 2]
-            b3 = starts[run, local0 + 3]
             for b in range(nblk):
                 # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
                 # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
@@ -201,22 +232,20 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
                 for t in range(TILE):  # the accumulators start at the bias
                     for j in range(PANEL):
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
-                r = 0
+                panel = panels[wset, b]
+                r = np.uint64(0)
                 for i in range(kernel_h):
-                    for k in range(kernel_w):
-                        tap = (i * wp + k) * cin
-                        for c in range(cin):
-                            x0 = x[b0 + tap + c]
-                            x1 = x[b1 + tap + c]
-                            x2 = x[b2 + tap + c]
-                            x3 = x[b3 + tap + c]
-                            for j in range(PANEL):
-                                wv = panels[wset, b, r, j]
-                                acc[0, j] += x0 * wv
-                                acc[1, j] += x1 * wv
-                                acc[2, j] += x2 * wv
-                                acc[3, j] += x3 * wv
-                            r += 1
+                    # a kernel row's taps and channels are one contiguous run of the input row
+                    for t in range(TILE):  # unsigned offsets: no negative-index test per load
+                        xb[t] = np.uint64(starts[run, local0 + t] + i * wp * cin)
+                    for q in range(np.uint64(row)):
+                        for t in range(TILE):
+                            xv[t] = x[xb[t] + q]
+                        for j in range(PANEL):
+                            wv = panel[r, j]
+                            for t in range(TILE):
+                                acc[t, j] += xv[t] * wv
+                        r += np.uint64(1)
                 p0 = run * run_pixels + local0
                 if c0 + PANEL <= cout and local0 + TILE <= run_pixels:
                     # a whole tile: constant trip counts and one loop per case vectorise best
@@ -245,6 +274,17 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu):
                             if relu:
                                 v = max(v, 0.0)
                             y[p0 + t, c0 + j] = v
+
+
+def winograd_starts(tiles, cin):
+    """``pixel_starts`` of Winograd's 36 products over blocks stored as (tiles, 36, cin).
+
+    Returns
+    -------
+    int64 (36, ceil(tiles / TILE) * TILE): product ``s`` of block ``t`` starts at ``(t*36 + s) * cin``
+    """
+    local = np.minimum(np.arange(-(-tiles // TILE) * TILE), tiles - 1)
+    return ((local[None, :] * 36 + np.arange(36)[:, None]) * cin).astype(np.int64)
 
 
 @pjit
@@ -344,9 +384,11 @@ class Conv2DPlan:
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
     calls it on every forward pass.  Calling it checks nothing.  A stride-1 3x3
-    convolution with at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks and
-    ``WINOGRAD_MIN_FLOPS`` runs as Winograd F(4x4, 3x3) (``winograd=False`` or
-    ``True`` forces the choice).
+    convolution may run as Winograd F(4x4, 3x3): ``winograd=True`` or ``False``
+    forces the choice; by default, above ``WINOGRAD_MEASURE_FLOPS`` the faster of
+    the two on this machine is taken from ``wisdom`` (measured once and recorded),
+    and otherwise, or with wisdom off, the rule decides: at least
+    ``WINOGRAD_MIN_TILES`` 4x4 output blocks and ``WINOGRAD_MIN_FLOPS``.
 
     Parameters
     ----------
@@ -365,10 +407,12 @@ class Conv2DPlan:
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
         image_tiles = -(-oh // 4) * -(-ow // 4)
-        if winograd is None:
+        possible = (kh, kw) == (3, 3) and stride == 1 and not packed.im2col
+        if winograd is None and possible:
             flops = 2 * n * oh * ow * kh * kw * cin * cout
-            winograd = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
-        self.winograd = winograd and (kh, kw) == (3, 3) and stride == 1 and not packed.im2col
+            rule = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
+            winograd = rule if flops < WINOGRAD_MEASURE_FLOPS else _measured_winograd(packed, input_shape, pads, rule)
+        self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
         if self.winograd:
             # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
@@ -377,20 +421,33 @@ class Conv2DPlan:
             self.pads = (top, hp - h - top, left, wp - w - left)
             # a few images at a time, so the transformed blocks stay in cache
             self.images = max(1, min(n, WINOGRAD_BYTES // (36 * image_tiles * max(cin, cout) * 4)))
-            self.v = np.empty(36 * self.images * image_tiles * cin, np.float32)
-            self.m = np.empty(36 * self.images * image_tiles * cout, np.float32)
+            self.v = _memory.empty(36 * self.images * image_tiles * cin)
+            self.m = _memory.empty(36 * self.images * image_tiles * cout)
             self.image_tiles = image_tiles
             self.panels = packed.winograd_panels()
             self.no_bias = np.zeros(cout, np.float32)
-            # the products run as 36 "images" of tiles x 1: starts for a full group and the last
-            self.starts = {t: pixel_starts((36, 1, t, cout), (36, 1, t, cin), 1, 36)
+            # the products run as 36 "images" of tiles x 1, each with its weights: starts for a full
+            # group of images and the last
+            self.starts = {t: winograd_starts(t, cin)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
         elif packed.im2col:
-            self.cols = np.empty((n * oh * ow, kh * kw * cin), np.float32)
+            self.cols = _memory.empty((n * oh * ow, kh * kw * cin))
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        self.padded = np.zeros((n, hp, wp, cin), np.float32) if any(self.pads) else None
+        self.padded = _memory.zeros((n, hp, wp, cin)) if any(self.pads) else None
+        self._splits = {}
+        self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
+                       else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
+
+    def _split(self, panels, starts):
+        """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
+        key = (get_num_threads(), starts.shape)
+        split = self._splits.get(key)
+        if split is None:
+            split = self._splits[key] = work_split(starts.shape[0], starts.shape[1] // TILE, panels.shape[1],
+                                                   panels.shape[2], key[0])
+        return split
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
         """``out = relu?(conv(x) + bias + residual)``.
@@ -411,18 +468,40 @@ class Conv2DPlan:
             for first in range(0, out.shape[0], self.images):
                 last = min(out.shape[0], first + self.images)
                 tiles = (last - first) * self.image_tiles
-                v = self.v[: 36 * tiles * x.shape[3]].reshape(36, 1, tiles, x.shape[3])
+                v = self.v[: 36 * tiles * x.shape[3]].reshape(tiles, 36, 1, x.shape[3])
                 m = self.m[: 36 * tiles * out.shape[3]].reshape(36, 1, tiles, out.shape[3])
-                input_transform_forward(v[:, 0], x[first:last], self.tiles_w)
-                conv2d_forward(m, v, self.panels, self.starts[tiles], self.no_bias, NO_RESIDUAL, 1, False)
+                input_transform_forward(v[:, :, 0], x[first:last], self.tiles_w)
+                starts = self.starts[tiles]
+                conv2d_forward(m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False,
+                               *self._split(self.panels, starts))
                 res = residual if residual.size == 0 else residual[first:last]
                 output_transform_forward(out[first:last], m[:, 0], bias, res, relu)
             return out
         if self.cols is not None:
             im2col_forward(self.cols, x, kh, kw, self.stride)
             x, kw = self.cols.reshape(*out.shape[:3], -1), 1
-        conv2d_forward(out, x, self.packed.panels, self.starts, bias, residual, kw, relu)
+        conv2d_forward(out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
+                       *self._split(self.packed.panels, self.starts))
         return out
+
+
+def _measured_winograd(packed, input_shape, pads, rule):
+    """Winograd or direct for this stride-1 3x3 convolution: the recorded or measured faster one."""
+    threads = get_num_threads()
+    key = f"conv3x3 {'x'.join(map(str, input_shape))}->{packed.out_channels} pads {','.join(map(str, pads))}"
+    known = wisdom.lookup(f"{MACHINE} | {threads} threads", key)
+    if known is not None or wisdom.mode() != "measure":
+        return {"winograd": True, "direct": False}.get(known, rule)
+    x = _memory.empty(input_shape)
+    x[...] = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
+    bias = np.zeros(packed.out_channels, np.float32)
+    plans = {name: Conv2DPlan(packed, input_shape, 1, pads, winograd=name == "winograd") for name in ("winograd", "direct")}
+    out = _memory.empty(plans["direct"].output_shape)
+    runs = {name: (lambda plan=plan: plan(out, x, bias, NO_RESIDUAL, True)) for name, plan in plans.items()}
+    winner = wisdom.choose(f"{MACHINE} | {threads} threads", key, runs, "winograd" if rule else "direct")
+    if winner == "direct":
+        packed.drop_winograd()  # built only to be timed: four times the direct weights
+    return winner == "winograd"
 
 
 def conv2d(x, w, bias=None, strides=1, padding="valid", relu=False, residual=None, out=None):

@@ -9,9 +9,13 @@ float32 error grows to about 1e-5 of the output's magnitude (the direct kernel:
 about 1e-6).
 """
 import numpy as np
-from numba import prange
+from numba import carray, prange
 
-from ._numba import jit, pjit
+from ._numba import VECTOR_FLOATS, inline, jit, pjit, stack_f32
+
+LANES = VECTOR_FLOATS  # channels transformed at once, in stack buffers the loops vectorise over
+# stack buffer sizes as module constants, so Numba sees literals
+LANES36, LANES24, LANES16 = 36 * LANES, 24 * LANES, 16 * LANES
 
 # G (6x3): the kernel transform, applied in float64 at pack time
 _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -48,65 +52,82 @@ def _at(m0, m1, m2, m3, m4, m5):
             m1 - m2 + F8 * (m3 - m4) + m5)
 
 
-@jit
-def _store6(v, first, t, ch, r):
-    """v[first + j, t, ch] = r[j] for j < 6."""
-    v[first, t, ch] = r[0]
-    v[first + 1, t, ch] = r[1]
-    v[first + 2, t, ch] = r[2]
-    v[first + 3, t, ch] = r[3]
-    v[first + 4, t, ch] = r[4]
-    v[first + 5, t, ch] = r[5]
+@inline
+def _bt_lanes(dst, out0, out_step, src, in0, in_step, lanes):
+    """dst[out0 + i * out_step, :lanes] = (B^T applied to src[in0 + k * in_step, :lanes])[i], i < 6."""
+    for l in range(lanes):
+        r = _bt(src[in0, l], src[in0 + in_step, l], src[in0 + 2 * in_step, l], src[in0 + 3 * in_step, l],
+                src[in0 + 4 * in_step, l], src[in0 + 5 * in_step, l])
+        dst[out0, l] = r[0]  # (a loop over r[i] would index the tuple at run time)
+        dst[out0 + out_step, l] = r[1]
+        dst[out0 + 2 * out_step, l] = r[2]
+        dst[out0 + 3 * out_step, l] = r[3]
+        dst[out0 + 4 * out_step, l] = r[4]
+        dst[out0 + 5 * out_step, l] = r[5]
 
 
-@jit
-def _finish(r, bias, res, relu):
-    """The four outputs of one row: bias, the residual's four values, ReLU."""
-    a, b, c, d = r[0] + bias + res[0], r[1] + bias + res[1], r[2] + bias + res[2], r[3] + bias + res[3]
-    if relu:
-        a, b, c, d = max(a, 0.0), max(b, 0.0), max(c, 0.0), max(d, 0.0)
-    return a, b, c, d
+@inline
+def _at_lanes(dst, out0, out_step, src, in0, in_step, lanes):
+    """dst[out0 + i * out_step, :lanes] = (A^T applied to src[in0 + k * in_step, :lanes])[i], i < 4."""
+    for l in range(lanes):
+        r = _at(src[in0, l], src[in0 + in_step, l], src[in0 + 2 * in_step, l], src[in0 + 3 * in_step, l],
+                src[in0 + 4 * in_step, l], src[in0 + 5 * in_step, l])
+        dst[out0, l] = r[0]
+        dst[out0 + out_step, l] = r[1]
+        dst[out0 + 2 * out_step, l] = r[2]
+        dst[out0 + 3 * out_step, l] = r[3]
 
 
 @pjit
 def input_transform_forward(v, inp, tiles_w):
-    """``v[:, t, c] = B^T d B`` for every 6x6 input block ``d`` of every channel.
+    """``v[t, :, c] = B^T d B`` for every 6x6 input block ``d`` of every channel.
+
+    Block by block (``t``), so each block's 36 values are one contiguous run: 36
+    planes of ``tiles * C`` would be 36 store streams a multiple of 4 KiB apart,
+    which share one L1 set and ran 4x slower at 14x14x256.  ``LANES`` channels at a
+    time go through stack buffers: the loops over them vectorise (in place, the 36
+    loads and 36 stores would need more overlap checks than LLVM makes, and stay scalar).
 
     Parameters
     ----------
-    v : float32 (36, N*TH*TW, C), written; element (i*6 + j) of each block's transform
+    v : float32 (N*TH*TW, 36, C), written; element (i*6 + j) of each block's transform
     inp : float32 (N, 4*TH + 2, 4*TW + 2, C), padded (TH, TW: blocks down and across)
     tiles_w : int, TW
     """
     n, hp, wp, c = inp.shape
-    tiles = v.shape[1]
+    tiles = v.shape[0]
     tiles_h = tiles // (n * tiles_w)
-    x = inp.reshape(-1)
+    x, flat = inp.reshape(-1), v.reshape(-1)
+    row, pixel = np.uint64(wp * c), np.uint64(c)  # unsigned: no negative-index test per load
     for t in prange(tiles):
+        d = carray(stack_f32(LANES36), (36, LANES))
+        e = carray(stack_f32(LANES36), (36, LANES))
         img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        base = ((img * hp + rest // tiles_w * 4) * wp + rest % tiles_w * 4) * c
-        row = wp * c
-        for ch in range(c):
-            o = base + ch
-            # rows of the block after B^T along the vertical axis, one column at a time
-            c0 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            o += c
-            c1 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            o += c
-            c2 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            o += c
-            c3 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            o += c
-            c4 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            o += c
-            c5 = _bt(x[o], x[o + row], x[o + 2 * row], x[o + 3 * row], x[o + 4 * row], x[o + 5 * row])
-            # then B^T across each row; straight-line code so the channel loop vectorises
-            _store6(v, 0, t, ch, _bt(c0[0], c1[0], c2[0], c3[0], c4[0], c5[0]))
-            _store6(v, 6, t, ch, _bt(c0[1], c1[1], c2[1], c3[1], c4[1], c5[1]))
-            _store6(v, 12, t, ch, _bt(c0[2], c1[2], c2[2], c3[2], c4[2], c5[2]))
-            _store6(v, 18, t, ch, _bt(c0[3], c1[3], c2[3], c3[3], c4[3], c5[3]))
-            _store6(v, 24, t, ch, _bt(c0[4], c1[4], c2[4], c3[4], c4[4], c5[4]))
-            _store6(v, 30, t, ch, _bt(c0[5], c1[5], c2[5], c3[5], c4[5], c5[5]))
+        base = np.uint64(((img * hp + rest // tiles_w * 4) * wp + rest % tiles_w * 4) * c)
+        out = np.uint64(t * 36 * c)
+        for ch0 in range(0, c, LANES):
+            if ch0 + LANES <= c:  # a constant lane count: the loops vectorise without remainders
+                _input_block(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel, d, e, LANES)
+            else:
+                _input_block(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel, d, e, c - ch0)
+
+
+@inline
+def _input_block(flat, out, x, src, row, pixel, d, e, lanes):
+    """Transform ``lanes`` channels of one 6x6 block from ``x[src + ...]`` into ``flat[out + ...]``."""
+    for i in range(6):
+        for j in range(6):
+            at = src + np.uint64(i) * row + np.uint64(j) * pixel
+            for l in range(lanes):
+                d[i * 6 + j, l] = x[at + np.uint64(l)]
+    for j in range(6):  # B^T down each column, then across each row
+        _bt_lanes(e, j, 6, d, j, 6, lanes)
+    for i in range(6):
+        _bt_lanes(d, 6 * i, 1, e, 6 * i, 1, lanes)
+    for k in range(36):
+        at = out + np.uint64(k) * pixel
+        for l in range(lanes):
+            flat[at + np.uint64(l)] = d[k, l]
 
 
 @pjit
@@ -125,51 +146,33 @@ def output_transform_forward(out, m, bias, residual, relu):
     tiles = m.shape[1]
     tiles_h, tiles_w = (oh + 3) // 4, (ow + 3) // 4
     has_residual = residual.size > 0
+    flat, y, res = m.reshape(-1), out.reshape(-1), residual.reshape(-1)
+    plane, pixel, row = np.uint64(tiles * cout), np.uint64(cout), np.uint64(ow * cout)
     for t in prange(tiles):
+        d = carray(stack_f32(LANES36), (36, LANES))
+        e = carray(stack_f32(LANES24), (24, LANES))
+        f = carray(stack_f32(LANES16), (16, LANES))
         img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
         y0, x0 = rest // tiles_w * 4, rest % tiles_w * 4
         rows, cols = min(4, oh - y0), min(4, ow - x0)
-        zero = (F0, F0, F0, F0)
-        for ch in range(cout):
-            # A^T down each of the six columns, then across each of the four rows
-            k0 = _at(m[0, t, ch], m[6, t, ch], m[12, t, ch], m[18, t, ch], m[24, t, ch], m[30, t, ch])
-            k1 = _at(m[1, t, ch], m[7, t, ch], m[13, t, ch], m[19, t, ch], m[25, t, ch], m[31, t, ch])
-            k2 = _at(m[2, t, ch], m[8, t, ch], m[14, t, ch], m[20, t, ch], m[26, t, ch], m[32, t, ch])
-            k3 = _at(m[3, t, ch], m[9, t, ch], m[15, t, ch], m[21, t, ch], m[27, t, ch], m[33, t, ch])
-            k4 = _at(m[4, t, ch], m[10, t, ch], m[16, t, ch], m[22, t, ch], m[28, t, ch], m[34, t, ch])
-            k5 = _at(m[5, t, ch], m[11, t, ch], m[17, t, ch], m[23, t, ch], m[29, t, ch], m[35, t, ch])
-            r0 = _at(k0[0], k1[0], k2[0], k3[0], k4[0], k5[0])
-            r1 = _at(k0[1], k1[1], k2[1], k3[1], k4[1], k5[1])
-            r2 = _at(k0[2], k1[2], k2[2], k3[2], k4[2], k5[2])
-            r3 = _at(k0[3], k1[3], k2[3], k3[3], k4[3], k5[3])
-            if rows == 4 and cols == 4:
-                if has_residual:
-                    _store4(out, img, y0, x0, ch, _finish(r0, bias[ch], residual[img, y0, x0:x0 + 4, ch], relu))
-                    _store4(out, img, y0 + 1, x0, ch, _finish(r1, bias[ch], residual[img, y0 + 1, x0:x0 + 4, ch], relu))
-                    _store4(out, img, y0 + 2, x0, ch, _finish(r2, bias[ch], residual[img, y0 + 2, x0:x0 + 4, ch], relu))
-                    _store4(out, img, y0 + 3, x0, ch, _finish(r3, bias[ch], residual[img, y0 + 3, x0:x0 + 4, ch], relu))
-                else:
-                    _store4(out, img, y0, x0, ch, _finish(r0, bias[ch], zero, relu))
-                    _store4(out, img, y0 + 1, x0, ch, _finish(r1, bias[ch], zero, relu))
-                    _store4(out, img, y0 + 2, x0, ch, _finish(r2, bias[ch], zero, relu))
-                    _store4(out, img, y0 + 3, x0, ch, _finish(r3, bias[ch], zero, relu))
-            else:  # a block cut by the bottom or right edge
-                block = (r0, r1, r2, r3)
-                for i in range(rows):
-                    r = block[i]
-                    for j in range(cols):
-                        val = r[j] + bias[ch]
+        dst = np.uint64(((img * oh + y0) * ow + x0) * cout)
+        for ch0 in range(0, cout, LANES):
+            lanes = min(LANES, cout - ch0)
+            for k in range(36):
+                src = np.uint64(k) * plane + np.uint64(t * cout + ch0)
+                for l in range(lanes):
+                    d[k, l] = flat[src + np.uint64(l)]
+            for j in range(6):  # A^T down each column, then across each row
+                _at_lanes(e, j, 6, d, j, 6, lanes)
+            for i in range(4):
+                _at_lanes(f, 4 * i, 1, e, 6 * i, 1, lanes)
+            for i in range(rows):
+                for j in range(cols):
+                    o = dst + np.uint64(i) * row + np.uint64(j) * pixel + np.uint64(ch0)
+                    for l in range(lanes):
+                        val = f[i * 4 + j, l] + bias[ch0 + l]
                         if has_residual:
-                            val += residual[img, y0 + i, x0 + j, ch]
+                            val += res[o + np.uint64(l)]
                         if relu:
-                            val = max(val, 0.0)
-                        out[img, y0 + i, x0 + j, ch] = val
-
-
-@jit
-def _store4(out, img, y, x, ch, r):
-    """out[img, y, x + j, ch] = r[j] for j < 4."""
-    out[img, y, x, ch] = r[0]
-    out[img, y, x + 1, ch] = r[1]
-    out[img, y, x + 2, ch] = r[2]
-    out[img, y, x + 3, ch] = r[3]
+                            val = max(val, F0)
+                        y[o + np.uint64(l)] = val

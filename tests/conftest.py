@@ -1,5 +1,11 @@
+import os
+
 import numpy as np
 import pytest
+
+# Plan-time choices by the deterministic rule, never by timing this machine (tests/test_wisdom.py
+# turns measuring on where it is the subject); subprocesses inherit this.
+os.environ["FASTRES_WISDOM"] = "off"
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""The machine's roofline: its float32 FMA peak for the compiled width, and its read bandwidth.
+
+``fma_peak()`` runs a kernel of independent vector multiply-adds (as many
+accumulators as the convolution's register tile, so the same registers and
+ports) on every kernel thread; ``read_bandwidth()`` sums a buffer far larger
+than the caches on every kernel thread.  Both return the best of a few repeats,
+as a roofline wants the machine's ceiling, not its average.  ``machine()``
+gathers them with the CPU's name, ISA and vector width.
+"""
+import functools
+import os
+import time
+
+import numpy as np
+from numba import carray, prange
+
+from ._numba import CPU_NAME, ISA, VECTOR_FLOATS, cpu_model, get_num_threads, pjit, stack_f32
+from .conv import ACC, PANEL, TILE
+
+PEAK_STEPS = 65536  # multiply-adds per accumulator per call
+
+
+@pjit
+def fma_peak_forward(out, steps):
+    """``steps`` multiply-adds on each of ACC independent float32 accumulators, per task.
+
+    Parameters
+    ----------
+    out : float32 (tasks, ACC), written (the accumulators, so the work is not dead)
+    steps : int
+    """
+    scale, shift = np.float32(0.999999), np.float32(1e-7)
+    for task in prange(out.shape[0]):
+        acc = carray(stack_f32(ACC), (ACC,))
+        for j in range(ACC):
+            acc[j] = np.float32(j)
+        for _ in range(steps):
+            for j in range(ACC):
+                acc[j] = acc[j] * scale + shift
+        for j in range(ACC):
+            out[task, j] = acc[j]
+
+
+@pjit
+def read_sum_forward(out, data):
+    """Sum each of ``out.shape[0]`` equal slices of ``data`` (a streaming read).
+
+    Parameters
+    ----------
+    out : float32 (tasks,), written
+    data : float32 (tasks * n,)
+    """
+    n = data.size // out.shape[0]
+    for task in prange(out.shape[0]):
+        part = data[task * n: (task + 1) * n]
+        total = np.float32(0.0)
+        for i in range(n):
+            total += part[i]
+        out[task] = total
+
+
+def _best(run, repeats):
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fma_peak(repeats=20):
+    """The float32 multiply-add peak of the kernel threads, in GFLOPS (best of ``repeats``)."""
+    threads = get_num_threads()
+    out = np.empty((threads, ACC), np.float32)
+    fma_peak_forward(out, 16)  # compile / warm up
+    seconds = _best(lambda: fma_peak_forward(out, PEAK_STEPS), repeats)
+    return 2 * threads * ACC * PEAK_STEPS / seconds / 1e9
+
+
+def read_bandwidth(nbytes=256 << 20, repeats=5):
+    """Read bandwidth of the kernel threads streaming ``nbytes`` from memory, in GB/s."""
+    threads = get_num_threads()
+    data = np.ones(nbytes // 4 // threads * threads, np.float32)
+    out = np.empty(threads, np.float32)
+    read_sum_forward(out, data[: threads * 1024])
+    seconds = _best(lambda: read_sum_forward(out, data), repeats)
+    return data.nbytes / seconds / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(threads):
+    return fma_peak(), read_bandwidth()
+
+
+def machine(measure=True):
+    """What the figures were measured on: CPU, ISA, width, tile, threads, and (measured) peak and bandwidth.
+
+    The measurement (about 0.3 s) is made once per thread count and process.
+    """
+    info = {
+        "cpu": cpu_model(), "llvm_cpu": CPU_NAME, "isa": ISA, "vector_bits": 32 * VECTOR_FLOATS,
+        "tile": f"{TILE}x{PANEL}", "threads": get_num_threads(), "cores": os.cpu_count(),
+    }
+    if measure:
+        peak, bandwidth = _measure(info["threads"])
+        info.update(peak_gflops=round(peak, 1), read_gbps=round(bandwidth, 1))
+    return info

@@ -1,0 +1,40 @@
+"""Run a few convolutions with the kernels compiled for this process's target; save the results.
+
+Usage: python target_outputs.py OUT.npz   (the target comes from NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)
+"""
+import sys
+
+import numpy as np
+
+import fastres.kernels as K
+from fastres.kernels import _numba, conv
+
+CASES = {  # name: (input shape, kernel shape, stride, padding, winograd)
+    "1x1": ((2, 7, 9, 48), (1, 1, 48, 130), 1, "valid", None),
+    "3x3s2": ((1, 13, 12, 33), (3, 3, 33, 70), 2, "same", None),
+    "stem": ((1, 21, 19, 3), (7, 7, 3, 64), 2, "valid", None),
+    "winograd": ((2, 11, 10, 20), (3, 3, 20, 36), 1, "same", True),
+}
+
+
+def main(path):
+    rng = np.random.default_rng(20261128)
+    results = {}
+    for name, (xs, ws, stride, padding, winograd) in CASES.items():
+        x = rng.standard_normal(xs, dtype=np.float32)
+        w = rng.standard_normal(ws, dtype=np.float32)
+        b = rng.standard_normal(ws[-1], dtype=np.float32)
+        if winograd:
+            plan = K.Conv2DPlan(K.pack_conv2d(w), xs, 1, (1, 1, 1, 1), winograd=True)
+            out = np.empty(plan.output_shape, np.float32)
+            results[name] = plan(out, x, b, K.NO_RESIDUAL, True)
+        else:
+            results[name] = K.conv2d(x, w, b, strides=stride, padding=padding, relu=True)
+        results[name + "_x"], results[name + "_w"], results[name + "_b"] = x, w, b
+    results["dense"] = K.dense(rng.standard_normal((3, 70), dtype=np.float32),
+                               rng.standard_normal((70, 21), dtype=np.float32))
+    np.savez(path, isa=_numba.ISA, tile=f"{conv.TILE}x{conv.PANEL}", cpu=_numba.CPU_NAME, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

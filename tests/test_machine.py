@@ -1,0 +1,61 @@
+"""The roofline self-check, the work split and buffer alignment."""
+import numpy as np
+import pytest
+
+import fastres.kernels as K
+from fastres.kernels import _memory, conv, roofline
+
+
+def test_fma_peak_kernel_computes_its_recurrence():
+    out = np.empty((3, conv.ACC), np.float32)
+    roofline.fma_peak_forward(out, 50)
+    expected = np.arange(conv.ACC, dtype=np.float64)
+    for _ in range(50):
+        expected = expected * np.float32(0.999999) + np.float32(1e-7)
+    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-5)
+
+
+def test_read_sum_kernel_sums_each_slice(rng):
+    data = rng.standard_normal(4 * 1000, dtype=np.float32)
+    out = np.empty(4, np.float32)
+    roofline.read_sum_forward(out, data)
+    np.testing.assert_allclose(out, data.reshape(4, -1).sum(axis=1, dtype=np.float64), rtol=1e-4, atol=1e-3)
+
+
+def test_machine_names_what_the_figures_are_for():
+    m = roofline.machine()
+    assert m["isa"] in ("avx512", "avx2", "sse") and m["vector_bits"] in (512, 256, 128)
+    assert m["tile"] == f"{conv.TILE}x{conv.PANEL}" and m["threads"] == K.get_num_threads()
+    assert m["cpu"] and m["llvm_cpu"]
+    assert m["peak_gflops"] > 1 and m["read_gbps"] > 0.5
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("runs,ntiles,nblk,depth", [(1, 1, 1, 64), (1, 16, 4, 64), (1, 523, 1, 256), (1, 9, 32, 512),
+                                                     (1, 9, 8, 2048), (36, 3, 4, 256), (1, 33, 4, 1024)])
+def test_work_split_covers_everything_in_balanced_tasks(runs, ntiles, nblk, depth, threads):
+    nchunks, group = conv.work_split(runs, ntiles, nblk, depth, threads)
+    assert 1 <= nchunks <= ntiles and 1 <= group <= nblk
+    tiles = [(c + 1) * ntiles // nchunks - c * ntiles // nchunks for c in range(nchunks)]
+    assert sum(tiles) == ntiles and max(tiles) - min(tiles) <= 1
+    ngroups = -(-nblk // group)
+    tasks = runs * nchunks * ngroups
+    if runs * ntiles * nblk >= 2 * threads:   # enough work to share
+        assert tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 3, 3, 17), (100001,)])
+def test_buffers_are_cache_line_aligned(shape):
+    a = K.aligned_empty(shape)
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous
+    assert a.ctypes.data % _memory.ALIGN == 0
+    assert _memory.zeros(shape).ctypes.data % _memory.ALIGN == 0 and not _memory.zeros(shape).any()
+
+
+def test_packed_weights_and_plan_buffers_are_aligned(rng):
+    packed = K.pack_conv2d(rng.standard_normal((3, 3, 24, 40), dtype=np.float32))
+    assert packed.panels.ctypes.data % _memory.ALIGN == 0
+    assert packed.winograd_panels().ctypes.data % _memory.ALIGN == 0
+    plan = K.Conv2DPlan(packed, (1, 16, 16, 24), 1, (1, 1, 1, 1), winograd=True)
+    assert all(b.ctypes.data % _memory.ALIGN == 0 for b in (plan.v, plan.m, plan.padded))
+    assert K.conv2d(rng.standard_normal((1, 5, 5, 24), dtype=np.float32), packed).ctypes.data % _memory.ALIGN == 0

@@ -1,0 +1,105 @@
+"""The kernels compiled for other x86 targets give the same answers (NUMBA_CPU_NAME on this machine).
+
+Each target runs in its own process (Numba's target is fixed per process) with its own cache
+directory; it needs only the ISA to be a subset of this CPU's, which every CI machine of this
+project has (x86-64 with AVX-512).  Targets this CPU cannot run are skipped by name.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import llvmlite.binding as ll
+import numpy as np
+import pytest
+
+from conftest import assert_close
+import naive
+from fastres.kernels import _numba
+
+SCRIPT = Path(__file__).parent / "scripts" / "target_outputs.py"
+# LLVM CPU name -> (ISA fastres should detect, register tile)
+TARGETS = {
+    "host": (None, None),
+    "haswell": ("avx2", "6x16"),
+    "skylake-avx512": ("avx512", "6x64"),
+    "icelake-server": ("avx512", "6x64"),
+    "znver4": ("avx512", "6x64"),
+    "x86-64": ("sse", "4x8"),
+}
+_NEEDS = {"haswell": {"avx2", "fma"}, "skylake-avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+          "icelake-server": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512vnni", "vaes"},
+          "znver4": {"avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vnni"}}
+
+
+def _host_features():
+    return {f[1:] for f in ll.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """target -> the saved results of tests/scripts/target_outputs.py compiled for it."""
+    results = {}
+    for target in TARGETS:
+        missing = _NEEDS.get(target, set()) - _host_features()
+        if missing:
+            results[target] = f"this CPU lacks {', '.join(sorted(missing))}"
+            continue
+        tmp = tmp_path_factory.mktemp(target)
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp / "cache"))
+        env.pop("NUMBA_CPU_FEATURES", None)
+        env.pop("NUMBA_CPU_NAME", None)
+        if target != "host":
+            env["NUMBA_CPU_NAME"] = target
+        run = subprocess.run([sys.executable, str(SCRIPT), str(tmp / "out.npz")], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{target}: {run.stderr[-3000:]}"
+        results[target] = dict(np.load(tmp / "out.npz"))
+    return results
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_target_detects_its_isa_and_tile(outputs, target):
+    if isinstance(outputs[target], str):
+        pytest.skip(outputs[target])
+    isa, tile = TARGETS[target]
+    if target == "host":
+        isa, tile = _numba.ISA, None
+    assert str(outputs[target]["isa"]) == isa
+    if tile:
+        assert str(outputs[target]["tile"]) == tile
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "host"])
+def test_target_gives_the_hosts_answers(outputs, target):
+    if isinstance(outputs[target], str):
+        pytest.skip(outputs[target])
+    got, host = outputs[target], outputs["host"]
+    for name in ("1x1", "3x3s2", "stem", "dense"):
+        assert_close(got[name], host[name].astype(np.float64), rtol=1e-5)
+    assert_close(got["winograd"], host["winograd"].astype(np.float64), rtol=3e-5)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_target_matches_naive(outputs, target):
+    if isinstance(outputs[target], str):
+        pytest.skip(outputs[target])
+    got = outputs[target]
+    for name, stride, padding, rtol in (("1x1", 1, "valid", 1e-5), ("3x3s2", 2, "same", 1e-5),
+                                        ("stem", 2, "valid", 1e-5), ("winograd", 1, "same", 3e-5)):
+        x, w, b = got[name + "_x"], got[name + "_w"], got[name + "_b"]
+        assert_close(got[name], naive.conv2d(x, w, b, stride, padding, relu=True), rtol=rtol)
+
+
+@pytest.mark.parametrize("cpu,isa", [("haswell", "avx2"), ("skylake-avx512", "avx512"), ("znver4", "avx512"),
+                                     ("sapphirerapids", "avx512"), ("x86-64", "sse"), ("x86-64-v3", "avx2")])
+def test_isa_probe_reads_the_targets_isa(cpu, isa):
+    # compiles a probe for the named CPU and reads the assembly: no need to run on that CPU
+    assert _numba._probe_isa(cpu, "") == isa
+
+
+def test_avx512_turns_off_llvms_256_bit_preference():
+    if _numba.ISA == "avx512":
+        assert "-prefer-256-bit" in _numba.CPU_FEATURES.split(",")
+    else:
+        assert "prefer-256-bit" not in _numba.CPU_FEATURES

@@ -197,3 +197,25 @@ Unsigned offsets matter: Numba wraps a negative signed index around, which costs
 test and a mask on every load of the convolution's inner loop; an unsigned one cannot
 be negative.
 """
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring ``array.reshape(-1)[index]``'s cache line into L1 (a hint; never faults).
+
+    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked,
+    which is harmless for a prefetch.  LLVM emits ``prefetcht0``.
+    """
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+        hint = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(hint, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen

@@ -14,7 +14,7 @@ from numba import carray, prange
 
 from . import _checks, _memory, wisdom
 from ._im2col import im2col_forward
-from ._numba import CPU_NAME, ISA, cpu_model, get_num_threads, jit, pjit, stack_f32, stack_u64
+from ._numba import CPU_NAME, ISA, cpu_model, get_num_threads, jit, pjit, prefetch, stack_f32, stack_u64
 from .winograd import input_transform_forward, output_transform_forward, transform_kernel
 
 # The register tile, TILE output pixels x PANEL output channels, fills the vector register
@@ -22,6 +22,7 @@ from .winograd import input_transform_forward, output_transform_forward, transfo
 # a broadcast.  AVX-512: 6 x 64 = 24 zmm + 4 + 1 of 32.  AVX2: 6 x 16 = 12 ymm + 2 + 1 of 16.
 # SSE (no FMA: a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
 PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "sse": (8, 4)}[ISA]
+LINE_FLOATS = 16  # float32 per 64-byte cache line
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
@@ -221,8 +222,15 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
         acc = carray(stack_f32(ACC), (TILE, PANEL))
         xv = carray(stack_f32(TILE), (TILE,))
         xb = carray(stack_u64(TILE), (TILE,))
-        for tile in range(chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks):
+        begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+        for tile in range(begin, last):
             local0 = tile * TILE
+            if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
+                for t in range(TILE):
+                    for i in range(kernel_h):
+                        at = starts[run, local0 + TILE + t] + i * wp * cin
+                        for q in range(0, row, LINE_FLOATS):
+                            prefetch(x, at + q)
             for b in range(nblk):
                 # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
                 # LLVM then keeps less in registers; measured on 56x56x64 -> 256)

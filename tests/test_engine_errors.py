@@ -88,10 +88,10 @@ def _edit_keras_config(saved, new, edit):
 
 def test_unsupported_layer(saved):
     def edit(layers):
-        layers[-1]["class_name"] = "LeakyReLU"
+        layers[-1]["class_name"] = "Conv3D"
         layers[-1]["config"]["name"] = layers[-1]["name"] = "leaky"
     path = _edit_keras_config(saved, "unsupported.keras", edit)
-    with pytest.raises(fastres.UnsupportedLayerError, match="layer 'leaky' has class 'LeakyReLU'"):
+    with pytest.raises(fastres.UnsupportedLayerError, match="layer 'leaky' has class 'Conv3D'"):
         fastres.load(path)
 
 

@@ -9,16 +9,7 @@ import pytest
 
 import fastres
 import keras_models as km
-
-
-def assert_matches(result, expected):
-    """Max abs difference within 1e-4 of the reference's largest magnitude, and the same argmax."""
-    expected = np.asarray(expected, np.float64)
-    assert result.dtype == np.float32 and result.shape == expected.shape
-    scale = np.abs(expected).max()
-    err = np.abs(result - expected).max()
-    assert err <= 1e-4 * scale, f"max difference {err:.3g} against largest reference {scale:.3g}"
-    np.testing.assert_array_equal(result.argmax(axis=-1), expected.argmax(axis=-1))
+from conftest import assert_matches
 
 
 def images(shape, seed=0):

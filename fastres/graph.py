@@ -73,13 +73,13 @@ class Layer:
     def __post_init__(self):
         if self.key is None:
             self.key = self.name
+        if isinstance(self.attrs.get("activation"), str):  # architectures name them
+            self.attrs["activation"] = Activation(self.attrs["activation"])
         if isinstance(self.activation, str):
             self.activation = Activation(self.activation)
         if self.activation is None:  # an activation layer's own activation is its operation, not a fusion
-            own = self.kind not in ACTIVATION_KINDS and self.kind != "ScaleShift"
+            own = self.kind not in ACTIVATION_KINDS
             self.activation = self.attrs.get("activation", LINEAR) if own else LINEAR
-            if isinstance(self.activation, str):
-                self.activation = Activation(self.activation)
 
     @property
     def where(self):

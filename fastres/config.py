@@ -7,7 +7,7 @@ in the rewrites) and whatever read the model reads its output layer.  Nothing fr
 config is executed: every option is read as data and checked.
 """
 from .errors import ModelFormatError, UnsupportedLayerError
-from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Activation, Layer
+from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Activation, Layer, layer_label
 from .kerasfile import MODEL_CLASSES
 
 SUPPORTED = (
@@ -23,8 +23,7 @@ ACTIVATIONS = {"linear": Activation(), "relu": Activation("relu"), "relu6": Acti
 
 
 def _where(name, scope, kind=None):
-    """How messages name a layer: ``layer 'c1' (Conv2D) in model 'resnet50'``."""
-    return f"layer {name!r}" + (f" ({kind})" if kind else "") + (f" in model {'/'.join(scope)!r}" if scope else "")
+    return layer_label("/".join((*scope, name)), kind)
 
 
 # ---------------------------------------------------------------- one layer's options
@@ -228,9 +227,9 @@ class _Parser:
         outputs = {}  # layer name -> graph name of its output
         previous = None
         if kind == "Sequential" and not any(e.get("class_name") == "InputLayer" for e in entries):
-            shape = body.get("build_input_shape") or (entries[0].get("config") or {}).get("batch_input_shape") if entries else None
-            shape = None if shape is None else tuple(shape[1:])
-            previous = self._input(path("input"), shape, feed)
+            first = (entries[0].get("config") or {}) if entries else {}
+            shape = body.get("build_input_shape") or first.get("batch_input_shape")
+            previous = self._input(path("input"), None if shape is None else tuple(shape[1:]), feed)
         for entry in entries:
             cfg = entry.get("config") or {}
             name = entry.get("name") or cfg.get("name")

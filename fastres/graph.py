@@ -83,9 +83,13 @@ class Layer:
 
     @property
     def where(self):
-        """How messages name the layer: ``layer 'c1' (Conv2D) in model 'resnet50'`` when nested."""
-        scope, _, own = self.name.rpartition("/")
-        return f"layer {own!r} ({self.kind})" + (f" in model {scope!r}" if scope else "")
+        return layer_label(self.name, self.kind)
+
+
+def layer_label(path, kind=None):
+    """How messages name a layer: ``layer 'c1' (Conv2D) in model 'resnet50'`` for ``resnet50/c1``."""
+    scope, _, own = path.rpartition("/")
+    return f"layer {own!r}" + (f" ({kind})" if kind else "") + (f" in model {scope!r}" if scope else "")
 
 
 # ---------------------------------------------------------------- weights

@@ -18,7 +18,7 @@ Each pass folds a layer only into a producer that feeds nothing else and is not 
 import numpy as np
 
 from . import kernels as K
-from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, LINEAR, Layer, batch_norm_weights, infer_shapes
+from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, batch_norm_weights, infer_shapes
 
 
 class Graph:

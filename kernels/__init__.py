@@ -20,7 +20,8 @@ from .elementwise import add_forward, relu_forward, scale_shift_forward, softmax
 from .pool import global_pool_forward, pool2d_forward
 
 __all__ = [
-    "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "activation", "activation_forward", "activation_kinds", "add_forward", "batch_norm_params", "conv2d_forward",
+    "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "activation", "activation_forward", "activation_kinds",
+    "add_forward", "batch_norm_params", "conv2d_forward",
     "global_pool_forward", "pool2d_forward", "relu_forward", "same_padding", "scale_shift_forward", "softmax_forward",
     "zero_pad_forward", "add_relu", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",
     "fold_batch_norm", "get_num_threads", "global_avg_pool2d", "global_max_pool2d", "im2col_forward",

@@ -96,6 +96,12 @@ def test_weights_only_applications_layout(files):
     smaller.load_weights(path)
     x = images((2, 80, 80, 3), seed=12)
     assert_matches(fr.predict(x), smaller(x, training=False))
+    # include_top=False weights (no predictions layer): the feature map, (N, h, w, 2048)
+    features = keras.Model(smaller.input, smaller.get_layer("conv5_block3_out").output)
+    features.save_weights(files / "resnet50_features.h5")
+    fr = fastres.load(files / "resnet50_features.h5", architecture="resnet50")
+    assert fr.output_shape == (None, None, None, 2048)
+    assert_matches(fr.predict(x), features(x, training=False))
 
 
 def test_weights_only_classic_layout(files):

@@ -156,3 +156,22 @@ def test_keras3_activation_names(tmp_path):
     x = images((3, 8, 8, 3), seed=6, scale=10.0)
     assert_matches(fr.predict(x), model(x, training=False))
     assert "Activation" not in kinds and "Softmax" not in kinds
+
+
+def sequential_blocks(keras):
+    """Sequential models (without an Input) nested in a Functional one: the batch-norm inside the first
+    folds into the convolution outside it, across the boundary."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3)(inp)
+    x = keras.Sequential([L.BatchNormalization(), L.ReLU()], name="bn_relu")(x, training=False)
+    return keras.Model(inp, keras.Sequential([L.GlobalAveragePooling2D(), L.Dense(4)], name="head")(x))
+
+
+@pytest.mark.parametrize("version,suffix", CASES)
+def test_nested_sequential_blocks(version, suffix, tmp_path):
+    model, fr, kinds = load_both(version, suffix, sequential_blocks, tmp_path)
+    x = images((2, 8, 8, 3), seed=7)
+    assert_matches(fr.predict(x), model(x, training=False))
+    assert kinds == ["InputLayer", "Conv2D", "GlobalAveragePooling2D", "Dense"]
+    assert [name.rpartition("/")[0] for name, _, _ in fr.operations] == ["", "", "head", "head"]

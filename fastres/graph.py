@@ -41,11 +41,12 @@ class Activation:
     def __str__(self):
         if self.kind != "relu" or self.plain_relu:
             return self.kind
-        if self.max_value is not None and not self.negative_slope and not self.threshold:
-            return f"relu{self.max_value:g}"
+        if self.max_value == 6 and not self.negative_slope and not self.threshold:
+            return "relu6"
         if self.max_value is None and not self.threshold:
             return f"leaky_relu({self.negative_slope:g})"
-        return f"relu(max_value={self.max_value}, negative_slope={self.negative_slope:g}, threshold={self.threshold:g})"
+        options = {"max_value": self.max_value, "negative_slope": self.negative_slope, "threshold": self.threshold}
+        return "relu(" + ", ".join(f"{k}={v:g}" for k, v in options.items() if v or k == "max_value" and v is not None) + ")"
 
 
 LINEAR = Activation()

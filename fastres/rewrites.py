@@ -13,7 +13,9 @@
 * ``fuse_add``: an Add goes into the convolution that feeds it (the residual added while storing).
 * ``fuse_activation``: an activation layer goes into whatever produces its input.
 
-Each pass folds a layer only into a producer that feeds nothing else and is not the output.
+A pass merges two layers only where the first one's output is read by the second alone and is
+not the model's output.  Each pass is a function of the graph and can run alone (``rewrite(...,
+passes=...)``), as the tests do.
 """
 import numpy as np
 

@@ -6,6 +6,8 @@ path (``"resnet50/conv1_conv"``): its InputLayer reads what fed the model (and v
 in the rewrites) and whatever read the model reads its output layer.  Nothing from the
 config is executed: every option is read as data and checked.
 """
+import numpy as np
+
 from .errors import ModelFormatError, UnsupportedLayerError
 from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Activation, Layer, layer_label
 from .kerasfile import MODEL_CLASSES
@@ -72,15 +74,20 @@ def _last_axis(where, axis):
 
 
 def _channel_values(where, key, value):
-    """A scalar or a per-channel list of numbers (Rescaling, Normalization)."""
+    """A scalar or a per-channel list of numbers (Rescaling, Normalization), as a tuple; None stays None."""
+    if isinstance(value, dict) and value.get("class_name") == "__numpy__":  # Keras's form of a numpy array
+        value = (value.get("config") or {}).get("value")
     if value is None:
         return None
-    values = value if isinstance(value, list) else [value]
-    while len(values) == 1 and isinstance(values[0], list):  # nested lists of broadcast shapes
-        values = values[0]
-    if isinstance(values, list) and values and all(isinstance(v, list) and len(v) == 1 for v in values):
-        values = [v[0] for v in values]
-    return tuple(_number(where, key, v, None) for v in values)
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ModelFormatError(f"{where}: {key} must be a number or a list of numbers, got {value!r}") from None
+    if any(d != 1 for d in array.shape[:-1]):
+        raise UnsupportedLayerError(f"{where}: {key} of shape {array.shape} is not per-channel (last axis)")
+    if not np.isfinite(array).all():
+        raise ModelFormatError(f"{where}: {key} holds NaN or infinity")
+    return tuple(array.reshape(-1).tolist())
 
 
 def _channels_last(where, cfg):

@@ -55,7 +55,8 @@ def rescaled_border(keras):
     """A per-channel Rescaling with an offset before a "same" convolution: not foldable."""
     L = keras.layers
     inp = keras.Input((9, 10, 3))
-    x = L.Rescaling([1 / 255, 2 / 255, 3 / 255], offset=[-1.0, 0.5, -0.25])(inp)
+    scale = np.array([1 / 255, 2 / 255, 3 / 255], np.float32)  # Keras writes a numpy array as a "__numpy__" dict
+    x = L.Rescaling(scale, offset=[-1.0, 0.5, -0.25])(inp)
     return keras.Model(inp, L.Conv2D(6, 3, padding="same")(x))
 
 

@@ -17,10 +17,9 @@ def images(shape, seed=0, high=255.0):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def built():
     """One ResNet50 (include_top=False, any input size, random weights) per Keras version, the models
-    built around it (keras_models.transfer_models) and its feature extractors, saved in every format."""
-    folder = tmp_path_factory.mktemp("nested")
+    built around it (keras_models.transfer_models) and its feature extractors."""
     found = {}
     for version in VERSIONS:
         keras = getattr(km, version)()
@@ -32,20 +31,25 @@ def saved(tmp_path_factory):
         for pooling, pool in (("none", None), ("avg", L.GlobalAveragePooling2D), ("max", L.GlobalMaxPooling2D)):
             # what keras.applications.ResNet50(include_top=False, pooling=...) builds
             models[f"features_{pooling}"] = keras.Model(base.input, pool()(base.output) if pool else base.output)
-        for name, model in models.items():
-            for suffix, fmt in km.formats(version):
-                path = folder / f"{name}_{version}{suffix}"
-                model.save(path)
-                found[version, name, suffix] = model, path, fmt
+        found.update({(version, name): model for name, model in models.items()})
     return found
 
 
+def saved(built, version, name, suffix, folder):
+    """The Keras model, and fastres's load of it saved as ``suffix`` (the ~95 MB file is deleted after)."""
+    model = built[version, name]
+    path = folder / f"{name}_{version}{suffix}"
+    model.save(path)
+    loaded = fastres.load(path)
+    path.unlink()
+    return model, loaded
+
+
 @pytest.mark.parametrize("version,suffix", CASES)
-def test_transfer_learning_model(saved, version, suffix):
+def test_transfer_learning_model(built, version, suffix, tmp_path):
     """The README's fine-tuned model: Rescaling, ResNet50(training=False), pooling, Dropout, Dense."""
-    model, path, fmt = saved[version, "transfer", suffix]
-    fr = fastres.load(path)
-    assert fr.file_format == fmt and fr.input_shape == (None, None, None, 3) and fr.output_shape == (None, 5)
+    model, fr = saved(built, version, "transfer", suffix, tmp_path)
+    assert fr.file_format == dict(km.formats(version))[suffix] and fr.input_shape == (None, None, None, 3) and fr.output_shape == (None, 5)
     for size, seed in ((64, 1), (96, 2)):
         x = images((2, size, size, 3), seed)
         assert_matches(fr.predict(x), model(x, training=False))
@@ -58,21 +62,19 @@ def test_transfer_learning_model(saved, version, suffix):
 
 
 @pytest.mark.parametrize("version,suffix", CASES)
-def test_sequential_with_nested_resnet50(saved, version, suffix):
-    model, path, _ = saved[version, "sequential", suffix]
-    fr = fastres.load(path)
+def test_sequential_with_nested_resnet50(built, version, suffix, tmp_path):
+    model, fr = saved(built, version, "sequential", suffix, tmp_path)
     x = images((2, 64, 64, 3), seed=4, high=1.0)
     assert_matches(fr.predict(x), model(x, training=False))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_nested_folds_and_fuses_as_unnested(saved, version):
+def test_nested_folds_and_fuses_as_unnested(built, version, tmp_path):
     """Batch-norm folding and conv+add+ReLU fusion work inside the nested ResNet50 as in the flat one."""
     suffix = km.formats(version)[-1][0]
     loaded = {}
     for name in ("nested", "unnested"):
-        model, path, _ = saved[version, name, suffix]
-        loaded[name] = fastres.load(path)
+        model, loaded[name] = saved(built, version, name, suffix, tmp_path)
         x = images((1, 64, 64, 3), seed=5, high=1.0)
         assert_matches(loaded[name].predict(x), model(x, training=False))
     nested, unnested = ([(kind, len(folded)) for _, kind, folded in loaded[n].operations] for n in ("nested", "unnested"))
@@ -86,9 +88,8 @@ def test_nested_folds_and_fuses_as_unnested(saved, version):
 
 @pytest.mark.parametrize("version,suffix", CASES)
 @pytest.mark.parametrize("pooling,size", [("none", 64), ("avg", 80), ("max", 32)])
-def test_feature_extractor(saved, version, suffix, pooling, size):
-    model, path, _ = saved[version, f"features_{pooling}", suffix]
-    fr = fastres.load(path)
+def test_feature_extractor(built, version, suffix, pooling, size, tmp_path):
+    model, fr = saved(built, version, f"features_{pooling}", suffix, tmp_path)
     x = images((2, size, size, 3), seed=size, high=1.0)
     result = fr.predict(x)
     side = -(-size // 32)

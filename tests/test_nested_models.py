@@ -26,6 +26,8 @@ def built():
         km.seed(keras, 3)
         base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(None, None, 3))
         km.randomize_batch_norm(base, seed_value=3)
+        for layer in base.layers[:100]:  # fine-tuning the top only: .h5 files then list the nested
+            layer.trainable = False       # model's trainable weights first, the frozen ones after
         models = km.transfer_models(keras, base)
         L = keras.layers
         for pooling, pool in (("none", None), ("avg", L.GlobalAveragePooling2D), ("max", L.GlobalMaxPooling2D)):

@@ -49,21 +49,21 @@ def _layer_config(layer, input_size):
     if layer.kind == "Conv2D":
         return {**base, "filters": a["filters"], "kernel_size": list(a["kernel"]), "strides": [a["stride"]] * 2,
                 "padding": a["padding"], "data_format": "channels_last", "dilation_rate": [1, 1], "groups": 1,
-                "activation": a["activation"], "use_bias": a["use_bias"], "kernel_initializer": init,
+                "activation": str(a["activation"]), "use_bias": a["use_bias"], "kernel_initializer": init,
                 "bias_initializer": {"class_name": "Zeros", "config": {}}, "kernel_regularizer": None,
                 "bias_regularizer": None, "activity_regularizer": None, "kernel_constraint": None,
                 "bias_constraint": None}
     if layer.kind == "BatchNormalization":
         return {**base, "axis": 3, "momentum": 0.99, "epsilon": a["epsilon"], "center": True, "scale": True}
     if layer.kind == "Activation":
-        return {**base, "activation": a["activation"]}
+        return {**base, "activation": str(a["activation"])}
     if layer.kind == "MaxPooling2D":
         return {**base, "pool_size": list(a["pool"]), "padding": a["padding"], "strides": list(a["stride"]),
                 "data_format": "channels_last"}
     if layer.kind == "GlobalAveragePooling2D":
         return {**base, "data_format": "channels_last", "keepdims": False}
     if layer.kind == "Dense":
-        return {**base, "units": a["units"], "activation": a["activation"], "use_bias": True,
+        return {**base, "units": a["units"], "activation": str(a["activation"]), "use_bias": True,
                 "kernel_initializer": init, "bias_initializer": {"class_name": "Zeros", "config": {}}}
     return base  # Add
 

@@ -8,6 +8,12 @@ Formats (see the README):
   whose variables sit at ``layers/<path>/vars/<i>`` in saving order);
 * weights-only ``.h5`` (root attribute ``layer_names``; needs ``architecture=``).
 
+A nested model (a Functional or Sequential model used as a layer) keeps its weights
+differently in each format: in ``.h5`` files, in the group of the outermost nested model,
+under names ``<layer>/<variable>`` of its innermost layers, at any depth; in ``.keras``
+files, in ``layers/functional/layers/<class group>/vars``, one level per model.  Both
+are read as ``weights["<outermost model>/<layer>"]``.
+
 Nothing from a file is executed: the config is JSON, read as data.
 """
 import io
@@ -21,6 +27,8 @@ import numpy as np
 
 from .errors import ModelFormatError
 
+MODEL_CLASSES = ("Functional", "Model", "Sequential")  # a config entry of one of these is a nested model
+
 
 @dataclass
 class ModelFile:
@@ -29,7 +37,7 @@ class ModelFile:
     format: str                      # "keras2-h5", "keras3-h5", "keras3-zip" or "weights-h5"
     keras_version: str
     config: dict | None              # the model config (None in a weights-only file)
-    weights: dict = field(default_factory=dict)  # layer name -> list of arrays, in Keras's order
+    weights: dict = field(default_factory=dict)  # layer name (or "model/layer") -> arrays, in Keras's order
 
 
 def read_model_file(path):
@@ -79,7 +87,7 @@ def _read_h5(f):
             raise ModelFormatError("the file has a model config but no model_weights group")
         config = json.loads(config_text)
         fmt = "keras3-h5" if version.startswith("3") else "keras2-h5"
-        return ModelFile(fmt, version, config, _read_layer_groups(f["model_weights"]))
+        return ModelFile(fmt, version, config, _read_layer_groups(f["model_weights"], _nested_models(config)))
     if "layer_names" in f.attrs or "layer_names0" in f.attrs:
         return ModelFile("weights-h5", version, None, _read_layer_groups(f))
     if "layers" in f and "vars" in f:
@@ -87,18 +95,34 @@ def _read_h5(f):
     raise ModelFormatError("the HDF5 file has neither a model_config nor layer_names: not a Keras model or weights file")
 
 
-def _read_layer_groups(root):
+def _nested_models(config):
+    """Names of the top-level layers of ``config`` that are models themselves."""
+    layers = (config.get("config") or {}).get("layers") if isinstance(config, dict) else None
+    return {(e.get("name") or (e.get("config") or {}).get("name")) for e in layers or []
+            if isinstance(e, dict) and e.get("class_name") in MODEL_CLASSES}
+
+
+def _read_layer_groups(root, models=()):
+    """Each layer group's arrays; a nested model's are split by the layer named in each weight name."""
     weights = {}
     for name in _attr_list(root, "layer_names"):
         if name not in root:
-            raise ModelFormatError(f"layer {name!r} is listed in layer_names but has no weights group")
+            kind = "nested model" if name in models else "layer"
+            raise ModelFormatError(f"{kind} {name!r} is listed in layer_names but has no weights group")
         group = root[name]
-        arrays = []
+        weights.setdefault(name, [])
         for wname in _attr_list(group, "weight_names"):
+            key = name
+            if name in models:
+                parts = wname.split("/")
+                if len(parts) < 2:
+                    raise ModelFormatError(f"nested model {name!r}: weight {wname!r} names no layer")
+                key = f"{name}/{parts[-2]}"
             if wname not in group:
-                raise ModelFormatError(f"layer {name!r}: weight {wname!r} is listed but missing")
-            arrays.append(np.asarray(group[wname][()], dtype=np.float32))
-        weights[name] = arrays
+                raise ModelFormatError(f"layer {key.rpartition('/')[2]!r}"
+                                       + (f" in model {name!r}" if name in models else "")
+                                       + f": weight {wname!r} is listed but missing")
+            weights.setdefault(key, []).append(np.asarray(group[wname][()], dtype=np.float32))
     return weights
 
 
@@ -127,25 +151,41 @@ def _read_saving_order(f, config):
     """Variables of a Keras 3 weights file, matched to the config's layers in saving order.
 
     Keras 3 names each layer's group after its class, counted in the order of
-    ``model.layers`` (``conv2d``, ``conv2d_1``, ...), not after the layer's name.
+    ``model.layers`` (``conv2d``, ``conv2d_1``, ...), not after the layer's name; a nested
+    model's group holds its own ``layers`` group, named the same way.
     """
     layers = (config.get("config") or {}).get("layers")
     if not isinstance(layers, list) or "layers" not in f:
         raise ModelFormatError("model.weights.h5 has no layers group, or config.json lists no layers")
-    counts, weights = {}, {}
+    weights = {}
+    _read_layers_group(f["layers"], layers, None, weights)
+    return weights
+
+
+def _read_layers_group(group, layers, top, weights):
+    counts = {}
     for layer in layers:
-        base = _snake_case(str(layer.get("class_name", "")))
+        kind = str(layer.get("class_name", ""))
+        base = _snake_case(kind)
         index = counts.get(base, 0)
         counts[base] = index + 1
         group_name = base if index == 0 else f"{base}_{index}"
         name = layer.get("name") or (layer.get("config") or {}).get("name")
-        if group_name not in f["layers"]:
+        if group_name not in group:
             continue  # layers without variables may be absent
-        vars_group = f["layers"][group_name].get("vars")
+        if kind in MODEL_CLASSES:
+            inner = (layer.get("config") or {}).get("layers")
+            if "layers" in group[group_name] and isinstance(inner, list):
+                _read_layers_group(group[group_name]["layers"], inner, top or name, weights)
+            continue
+        vars_group = group[group_name].get("vars")
         if vars_group is None:
             continue
         saved_name = _text_attr(vars_group, "name")
         if saved_name is not None and saved_name != name:
-            raise ModelFormatError(f"model.weights.h5: group layers/{group_name} holds {saved_name!r}, expected {name!r}")
-        weights[name] = [np.asarray(vars_group[str(i)][()], dtype=np.float32) for i in range(len(vars_group))]
-    return weights
+            raise ModelFormatError(f"model.weights.h5: group {vars_group.parent.name} holds {saved_name!r}, "
+                                   f"expected {name!r}")
+        key = name if top is None else f"{top}/{name}"
+        if key in weights:
+            raise ModelFormatError(f"model.weights.h5: two layers named {name!r} in nested model {top!r}")
+        weights[key] = [np.asarray(vars_group[str(i)][()], dtype=np.float32) for i in range(len(vars_group))]

@@ -1,4 +1,5 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
+import math
 import threading
 import time
 
@@ -6,8 +7,10 @@ import numpy as np
 
 from . import architectures, kernels as K
 from .errors import FastresError, InputError, ModelFormatError
-from .graph import attach_weights, batch_norm_weights, fuse, infer_shapes, parse_config
+from .config import parse_config
+from .graph import ACTIVATION_KINDS, attach_weights, infer_shapes
 from .kerasfile import read_model_file
+from .rewrites import rewrite
 
 
 def load(path, architecture=None, threads=None, classifier_activation="softmax"):
@@ -17,7 +20,8 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax")
     ----------
     path : str or os.PathLike
         A Keras 2 or 3 full-model ``.h5``, a Keras 3 ``.keras``, or a weights-only ``.h5``.
-    architecture : "resnet50", "resnet101" or "resnet152", for a weights-only file only.
+    architecture : "resnet50", "resnet101", "resnet152" or "resnet50v2", "resnet101v2", "resnet152v2",
+        for a weights-only file only.
     threads : int, optional
         Threads for the kernels (``fastres.set_num_threads``); default: all cores.
     classifier_activation : "softmax" or None
@@ -65,7 +69,7 @@ class Model:
         self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
         self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
         self.file_params = sum(self._layer_params.values())
-        self._ops, self._output = fuse(layers, output)
+        self._ops, self._output = rewrite(layers, output, input_shape)
         self._params = {op.name: sum(w.size for w in op.weights) for op in self._ops}
         self._packed, self._bias = {}, {}
         for op in self._ops:
@@ -110,7 +114,8 @@ class Model:
     def output_is_probability(self):
         """True when the model ends in a softmax (its outputs are probabilities)."""
         last = next(op for op in self._ops if op.name == self._output)
-        return last.activation == "softmax" or (last.kind == "Activation" and last.attrs["activation"] == "softmax")
+        own = last.attrs["activation"] if last.kind in ACTIVATION_KINDS else last.activation
+        return "softmax" in (own.kind, last.activation.kind)
 
     def describe(self, input_shape=None):
         """One dict per fused operation: name, kind, folded layers, output shape, parameters, FLOPs.
@@ -134,11 +139,11 @@ class Model:
                 flops = int(np.prod(out)) * int(np.prod(op.attrs["pool"]))
             elif op.kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
                 flops = int(np.prod(ins))
-            elif op.kind in ("BatchNormalization", "Add", "Activation", "ReLU"):
+            elif op.kind in ("ScaleShift", "Add", *ACTIVATION_KINDS):
                 flops = 2 * int(np.prod(out))
             else:
                 flops = 0
-            kind = op.kind + ("" if op.activation == "linear" else f"+{op.activation}") + ("+residual" if op.residual else "")
+            kind = op.kind + ("" if op.activation.linear else f"+{op.activation}") + ("+residual" if op.residual else "")
             rows.append({"name": op.name, "kind": kind, "folded": list(op.folded), "output_shape": [None, *out],
                          "params": int(params), "flops": int(flops)})
         return rows
@@ -284,10 +289,28 @@ class Plan:
         return self.output.copy()
 
 
+def _activation_step(act, out, inp):
+    """The kernel call that applies ``act`` (not linear) to ``inp`` into ``out`` (possibly in place)."""
+    if act.kind == "softmax":
+        rows_in, rows_out = inp.reshape(-1, inp.shape[-1]), out.reshape(-1, out.shape[-1])
+        return lambda: K.softmax_forward(rows_out, rows_in)
+    flat_in, flat_out = inp.reshape(-1), out.reshape(-1)
+    if act.plain_relu:
+        return lambda: K.relu_forward(flat_out, flat_in)
+    kind = K.activation_kinds[act.kind]
+    args = (math.inf if act.max_value is None else act.max_value, act.negative_slope, act.threshold)
+    return lambda: K.activation_forward(flat_out, flat_in, kind, *args)
+
+
 def _steps(model, op, ins, out, residual):
-    """The kernel calls of one fused operation, as closures over its buffers."""
+    """The kernel calls of one fused operation, as closures over its buffers.
+
+    The convolution, scale-shift and add kernels apply a plain ReLU while storing; any other
+    activation fused into an operation runs in place on its output buffer, as a second step
+    of the same operation.
+    """
     x, kind, a, act = ins[0] if ins else None, op.kind, op.attrs, op.activation
-    relu = act == "relu"
+    relu = act.plain_relu
     steps = []
     if kind in ("Conv2D", "Dense"):
         packed, bias = model._packed[op.name], model._bias[op.name]
@@ -306,17 +329,12 @@ def _steps(model, op, ins, out, residual):
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))
         steps[-1].kernel = conv.kernel
-    elif kind == "BatchNormalization":
-        scale, shift = K.batch_norm_params(op.name, x.shape[-1], *batch_norm_weights(op), a["epsilon"])
+    elif kind == "ScaleShift":
+        scale, shift = op.weights
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
         steps.append(lambda: K.scale_shift_forward(rows_out, rows_in, scale, shift, relu))
-    elif kind in ("Activation", "ReLU"):
-        flat_in, flat_out = x.reshape(-1), out.reshape(-1)
-        if a["activation"] == "relu":
-            steps.append(lambda: K.relu_forward(flat_out, flat_in))
-        else:  # softmax
-            rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
-            steps.append(lambda: K.softmax_forward(rows_out, rows_in))
+    elif kind in ACTIVATION_KINDS:
+        steps.append(_activation_step(a["activation"], out, x))
     elif kind == "Add":
         flat_out = out.reshape(-1)
         first, rest = ins[0].reshape(-1), [i.reshape(-1) for i in ins[1:]]
@@ -341,11 +359,6 @@ def _steps(model, op, ins, out, residual):
         steps.append(lambda: K.zero_pad_forward(out, x, t, l))
     else:
         raise ModelFormatError(f"internal: no kernel for {kind} layer {op.name!r}")
-    if act == "softmax":
-        rows = out.reshape(-1, out.shape[-1])
-        steps.append(lambda: K.softmax_forward(rows, rows))
-    elif relu and kind in ("ZeroPadding2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
-                           "GlobalMaxPooling2D"):
-        flat = out.reshape(-1)
-        steps.append(lambda: K.relu_forward(flat, flat))
+    if not act.linear and not (relu and kind in ("Conv2D", "Dense", "ScaleShift", "Add")):
+        steps.append(_activation_step(act, out, out))  # in place
     return steps

@@ -22,3 +22,13 @@ def assert_close(actual, expected, rtol=1e-5):
     scale = max(np.abs(expected).max(), 1e-6)
     err = np.abs(actual - expected).max() / scale
     assert err <= rtol, f"max error {err:.3g} x largest reference magnitude (allowed {rtol:g})"
+
+
+def assert_matches(result, expected):
+    """fastres against Keras: max abs difference within 1e-4 of the reference's largest magnitude, same argmax."""
+    expected = np.asarray(expected, np.float64)
+    assert result.dtype == np.float32 and result.shape == expected.shape
+    scale = np.abs(expected).max()
+    err = np.abs(result - expected).max()
+    assert err <= 1e-4 * scale, f"max difference {err:.3g} against largest reference {scale:.3g}"
+    np.testing.assert_array_equal(result.argmax(axis=-1), expected.argmax(axis=-1))

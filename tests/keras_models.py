@@ -23,10 +23,18 @@ def seed(keras, value=0):
     keras.utils.set_random_seed(value)
 
 
-def randomize_batch_norm(model, seed_value=0):
-    """Give every BatchNormalization non-trivial statistics so that folding is exercised."""
-    rng = np.random.default_rng(seed_value)
+def all_layers(model):
+    """Every layer of ``model``, inside nested models too."""
     for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+
+
+def randomize_batch_norm(model, seed_value=0):
+    """Give every BatchNormalization (nested ones too) non-trivial statistics so that folding is exercised."""
+    rng = np.random.default_rng(seed_value)
+    for layer in all_layers(model):
         if type(layer).__name__ == "BatchNormalization":
             new = []
             for w in layer.weights:
@@ -121,3 +129,31 @@ def rare_options(keras):
     x = L.GlobalMaxPooling2D()(x)
     x = L.Dense(4)(x)
     return keras.Model(inp, x)
+
+
+def formats(version):
+    """The file suffixes and the format fastres reports, for every format that Keras version writes."""
+    return {"keras2": [(".h5", "keras2-h5")], "keras3": [(".h5", "keras3-h5"), (".keras", "keras3-zip")]}[version]
+
+
+def transfer_models(keras, base, classes=5):
+    """The models users build around a headless ResNet ``base`` (include_top=False, pooling=None).
+
+    ``transfer``: the fine-tuning recipe (Rescaling, base(training=False), pooling, Dropout, Dense);
+    ``nested`` and ``unnested``: one network (base, pooling, Dense) with the base as a layer and
+    with the base's layers in the model itself; ``sequential``: Sequential([base, pooling, Dense]).
+    The heads are linear: the tests compare logits.
+    """
+    L = keras.layers
+    shape = tuple(base.input.shape[1:])
+    inp = keras.Input(shape)
+    x = L.Rescaling(1 / 127.5, offset=-1)(inp)
+    x = base(x, training=False)
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.Dropout(0.3)(x)
+    transfer = keras.Model(inp, L.Dense(classes)(x))
+    inp = keras.Input(shape)
+    nested = keras.Model(inp, L.Dense(classes)(L.GlobalAveragePooling2D()(base(inp, training=False))))
+    unnested = keras.Model(base.input, L.Dense(classes)(L.GlobalAveragePooling2D()(base.output)))
+    sequential = keras.Sequential([keras.Input(shape), base, L.GlobalMaxPooling2D(), L.Dense(3)])
+    return dict(transfer=transfer, nested=nested, unnested=unnested, sequential=sequential)

@@ -79,3 +79,16 @@ def dense(x, w, bias=None, relu=False):
     if bias is not None:
         out += bias
     return np.maximum(out, 0) if relu else out
+
+
+def activation(x, kind, max_value=None, negative_slope=0.0, threshold=0.0):
+    """Keras's definitions, term by term: relu(x, negative_slope, max_value, threshold), sigmoid, tanh."""
+    x = x.astype(np.float64)
+    if kind == "sigmoid":
+        return 1 / (1 + np.exp(-x))
+    if kind == "tanh":
+        return np.tanh(x)
+    y = np.where(x > threshold, x, 0.0)
+    if max_value is not None:
+        y = np.clip(y, 0.0, max_value)
+    return y - negative_slope * np.maximum(threshold - x, 0.0)

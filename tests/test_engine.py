@@ -9,16 +9,7 @@ import pytest
 
 import fastres
 import keras_models as km
-
-
-def assert_matches(result, expected):
-    """Max abs difference within 1e-4 of the reference's largest magnitude, and the same argmax."""
-    expected = np.asarray(expected, np.float64)
-    assert result.dtype == np.float32 and result.shape == expected.shape
-    scale = np.abs(expected).max()
-    err = np.abs(result - expected).max()
-    assert err <= 1e-4 * scale, f"max difference {err:.3g} against largest reference {scale:.3g}"
-    np.testing.assert_array_equal(result.argmax(axis=-1), expected.argmax(axis=-1))
+from conftest import assert_matches
 
 
 def images(shape, seed=0):
@@ -105,6 +96,12 @@ def test_weights_only_applications_layout(files):
     smaller.load_weights(path)
     x = images((2, 80, 80, 3), seed=12)
     assert_matches(fr.predict(x), smaller(x, training=False))
+    # include_top=False weights (no predictions layer): the feature map, (N, h, w, 2048)
+    features = keras.Model(smaller.input, smaller.get_layer("conv5_block3_out").output)
+    features.save_weights(files / "resnet50_features.h5")
+    fr = fastres.load(files / "resnet50_features.h5", architecture="resnet50")
+    assert fr.output_shape == (None, None, None, 2048)
+    assert_matches(fr.predict(x), features(x, training=False))
 
 
 def test_weights_only_classic_layout(files):

@@ -8,6 +8,7 @@ import pytest
 
 import fastres
 import keras_models as km
+from conftest import assert_matches
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,10 @@ def _edit_keras_config(saved, new, edit):
 
 def test_unsupported_layer(saved):
     def edit(layers):
-        layers[-1]["class_name"] = "LeakyReLU"
+        layers[-1]["class_name"] = "Conv3D"
         layers[-1]["config"]["name"] = layers[-1]["name"] = "leaky"
     path = _edit_keras_config(saved, "unsupported.keras", edit)
-    with pytest.raises(fastres.UnsupportedLayerError, match="layer 'leaky' has class 'LeakyReLU'"):
+    with pytest.raises(fastres.UnsupportedLayerError, match="layer 'leaky' has class 'Conv3D'"):
         fastres.load(path)
 
 
@@ -149,3 +150,100 @@ def test_input_too_small_for_free_size_model(saved, tmp_path):
 def test_architecture_for_a_full_model(saved):
     with pytest.raises(fastres.FastresError, match="only for weights-only files"):
         fastres.load(saved / "good.h5", architecture="resnet50")
+
+
+# ------------------------------------------------------------------ nested models
+
+def _nested(keras, shared=False, two_outputs=False):
+    """A model nesting 'mid', which nests 'inner' (a conv 'c1' and a batch-norm)."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 3))
+    y = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="c1")(inp))
+    inner = keras.Model(inp, [y, L.ReLU(name="second")(y)] if two_outputs else y, name="inner")
+    inp = keras.Input((8, 8, 3))
+    x = inner(inp)
+    mid = keras.Model(inp, L.ReLU(name="relu")(x[0] if two_outputs else x), name="mid")
+    inp = keras.Input((8, 8, 3))
+    x = mid(inp, training=False)
+    if shared:
+        x = keras.layers.Add()([x, mid(inp)])
+    return keras.Model(inp, L.Dense(2, name="head")(L.Flatten()(x)))
+
+
+@pytest.fixture(scope="module")
+def nested_files(saved):
+    files = {}
+    for version in ("keras2", "keras3"):
+        keras = getattr(km, version)()
+        km.seed(keras, 2)
+        model = km.randomize_batch_norm(_nested(keras))
+        for suffix, _ in km.formats(version):
+            files[version, suffix] = saved / f"nested_{version}{suffix}"
+            model.save(files[version, suffix])
+        files[version] = model
+    return files
+
+
+@pytest.mark.parametrize("version,suffix", [("keras2", ".h5"), ("keras3", ".h5"), ("keras3", ".keras")])
+def test_nested_model_loads(nested_files, version, suffix):
+    """The good file the tests below damage: two levels of nesting, read in full."""
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    assert_matches(fastres.load(nested_files[version, suffix]).predict(x), nested_files[version](x, training=False))
+
+
+@pytest.mark.parametrize("version", ["keras2", "keras3"])
+def test_nested_weights_missing_h5(nested_files, saved, version):
+    path = copy(saved, nested_files[version, ".h5"].name, f"nested_missing_{version}.h5")
+    with h5py.File(path, "r+") as f:
+        del f["model_weights"]["mid"]["c1"]  # the datasets of layer c1, inside the group of model 'mid'
+    with pytest.raises(fastres.ModelFormatError, match="layer 'c1' in model 'mid': weight 'c1/kernel(:0)?' is listed but missing"):
+        fastres.load(path)
+    with h5py.File(path, "r+") as f:
+        del f["model_weights"]["mid"]
+    with pytest.raises(fastres.ModelFormatError, match="nested model 'mid' is listed in layer_names but has no weights"):
+        fastres.load(path)
+
+
+def test_nested_weights_missing_keras(nested_files, saved):
+    path = saved / "nested_missing.keras"
+    with zipfile.ZipFile(nested_files["keras3", ".keras"]) as src, zipfile.ZipFile(path, "w") as dst:
+        for item in src.namelist():
+            data = src.read(item)
+            if item == "model.weights.h5":
+                folder = saved / "weights_edit.h5"
+                folder.write_bytes(data)
+                with h5py.File(folder, "r+") as f:
+                    del f["layers/functional/layers/functional/layers/conv2d/vars"]
+                data = folder.read_bytes()
+            dst.writestr(item, data)
+    with pytest.raises(fastres.ModelFormatError, match=r"layer 'c1' \(Conv2D\) in model 'mid/inner' has no weights"):
+        fastres.load(path)
+
+
+@pytest.mark.parametrize("version", ["keras2", "keras3"])
+@pytest.mark.parametrize("problem,error,message", [
+    ("shared", fastres.UnsupportedLayerError, r"layer 'mid' \(Functional\) is called 2 times \(a shared layer\)"),
+    ("two_outputs", fastres.UnsupportedLayerError, "model 'mid/inner' has 2 outputs"),
+])
+def test_shared_or_multi_output_nested_model(saved, version, problem, error, message):
+    keras = getattr(km, version)()
+    path = saved / f"nested_{problem}_{version}.h5"
+    _nested(keras, **{problem: True}).save(path)
+    with pytest.raises(error, match=message):
+        fastres.load(path)
+
+
+def test_unknown_layer_inside_nested_model(nested_files, saved):
+    path = saved / "nested_unknown.keras"
+    with zipfile.ZipFile(nested_files["keras3", ".keras"]) as src, zipfile.ZipFile(path, "w") as dst:
+        for item in src.namelist():
+            data = src.read(item)
+            if item == "config.json":
+                config = json.loads(data)
+                mid = next(e for e in config["config"]["layers"] if e["name"] == "mid")
+                inner = next(e for e in mid["config"]["layers"] if e["name"] == "inner")
+                next(e for e in inner["config"]["layers"] if e["name"] == "c1")["class_name"] = "Conv3D"
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    with pytest.raises(fastres.UnsupportedLayerError, match="layer 'c1' in model 'mid/inner' has class 'Conv3D'"):
+        fastres.load(path)

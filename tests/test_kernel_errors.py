@@ -33,6 +33,10 @@ W = np.zeros((3, 3, 4, 6), np.float32)
     (lambda: K.zero_pad2d(X, -1), "padding must not be negative"),
     (lambda: K.global_avg_pool2d(X.astype(np.float16)), "must be float32"),
     (lambda: K.softmax(np.zeros((2, 0), np.float32)), "softmax: x must not be empty"),
+    (lambda: K.activation(X, "gelu"), "activation: kind must be one of relu, sigmoid, tanh"),
+    (lambda: K.activation(X, "relu", max_value=-1.0), "max_value and negative_slope must not be negative"),
+    (lambda: K.activation(X, "relu", threshold=float("nan")), "threshold must be a finite number"),
+    (lambda: K.activation(X.astype(np.float64), "tanh"), "activation: x must be float32"),
 ])
 def test_bad_arguments_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):

@@ -230,3 +230,17 @@ def test_winograd_is_chosen_only_where_it_wins():
     assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
     assert not K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd  # 19 MFLOP
     assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((5, 5, 64, 64), np.float32)), (1, 56, 56, 64), 1, (2, 2, 2, 2)).winograd
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("sigmoid", {}), ("tanh", {}), ("relu", {"max_value": 6.0}), ("relu", {"negative_slope": 0.3}),
+    ("relu", {"threshold": 0.5}), ("relu", {"threshold": -0.5}),
+    ("relu", {"max_value": 2.0, "negative_slope": 0.1, "threshold": 0.7}),
+])
+def test_activation_matches_naive(kind, options, rng):
+    x = rng.standard_normal((3, 5, 7, 11), dtype=np.float32) * 5
+    expected = naive.activation(x, kind, **options)
+    assert_close(K.activation(x, kind, **options), expected)
+    inplace = x.copy()
+    assert K.activation(inplace, kind, out=inplace, **options) is inplace
+    assert_close(inplace, expected)

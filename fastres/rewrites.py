@@ -1,0 +1,207 @@
+"""The rewrites: named passes over the layer graph, run in the order of ``PASSES``.
+
+* ``drop_identities``: InputLayers of nested models, linear activations and the layers that
+  are the identity at inference (Dropout, GaussianNoise, ...) disappear.
+* ``to_scale_shift``: BatchNormalization, Rescaling and Normalization become one kind,
+  ``ScaleShift`` (``y = x * scale + shift`` per channel).
+* ``fold_padding``: a ZeroPadding2D goes into the convolution after it.
+* ``fold_into_producer``: a ScaleShift after a Conv2D or Dense goes into its kernel and bias
+  (exact), or into a ScaleShift before it.
+* ``fold_into_consumer``: a ScaleShift before a Dense, or before a Conv2D that pads no zeros
+  (or whose shift is zero), goes into its kernel and bias.  With zero padding it would be
+  inexact at the borders (the padded zeros would be shifted too), so it stays a ScaleShift.
+* ``fuse_add``: an Add goes into the convolution that feeds it (the residual added while storing).
+* ``fuse_activation``: an activation layer goes into whatever produces its input.
+
+A pass merges two layers only where the first one's output is read by the second alone and is
+not the model's output.  Each pass is a function of the graph and can run alone (``rewrite(...,
+passes=...)``), as the tests do.
+"""
+import numpy as np
+
+from . import kernels as K
+from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, batch_norm_weights, infer_shapes
+
+
+class Graph:
+    """The layers being rewritten, the output's name, and the names of removed layers' stand-ins."""
+
+    def __init__(self, layers, output, input_shape):
+        self.layers = [Layer(l.name, l.kind, list(l.inputs), dict(l.attrs), list(l.weights), l.activation,
+                             l.residual, l.pads, list(l.folded), l.key) for l in layers]
+        self.output = output
+        self.shapes = infer_shapes(self.layers, input_shape)
+        self.renamed = {}
+
+    def source(self, name):
+        while name in self.renamed:
+            name = self.renamed[name]
+        return name
+
+    def resolve(self):
+        """Point every reference at the layers that remain."""
+        for layer in self.layers:
+            layer.inputs = [self.source(i) for i in layer.inputs]
+            layer.residual = layer.residual and self.source(layer.residual)
+        self.output = self.source(self.output)
+
+    def remove(self, layer, into=None):
+        """Drop ``layer``; its readers read its input.  ``into`` is the layer it was merged into."""
+        self.renamed[layer.name] = layer.inputs[0]
+        self.layers.remove(layer)
+        if into is not None:
+            into.folded.append(layer.name)
+        self.resolve()
+
+    def readers(self, name):
+        return [l for l in self.layers if name in l.inputs or l.residual == name]
+
+    def sole_reader(self, layer):
+        """The one layer that reads ``layer``'s output, once and not as a residual; None if it is the output."""
+        readers = self.readers(layer.name)
+        if (len(readers) != 1 or layer.name == self.output or readers[0].inputs.count(layer.name) != 1
+                or readers[0].residual == layer.name):
+            return None
+        return readers[0]
+
+    def producer(self, layer, kinds):
+        """The layer that feeds ``layer``, if it is one of ``kinds`` and feeds nothing else."""
+        if len(layer.inputs) != 1:
+            return None
+        producer = next((l for l in self.layers if l.name == layer.inputs[0]), None)
+        if producer is None or producer.kind not in kinds or self.sole_reader(producer) is not layer:
+            return None
+        return producer
+
+
+def drop_identities(g):
+    for layer in list(g.layers):
+        if (layer.kind == "InputLayer" and layer.inputs or layer.kind in IDENTITY_KINDS
+                or layer.kind in ACTIVATION_KINDS and layer.attrs["activation"].linear):
+            g.remove(layer)
+
+
+def _affine(layer, channels):
+    """(scale, shift) of a BatchNormalization, Rescaling or Normalization layer, float64 (C,)."""
+    a = layer.attrs
+    if layer.kind == "BatchNormalization":
+        scale, shift = K.batch_norm_params(layer.name, channels, *batch_norm_weights(layer), a["epsilon"])
+        return scale.astype(np.float64), shift.astype(np.float64)
+    if layer.kind == "Rescaling":
+        scale, shift = (np.broadcast_to(np.asarray(a[k], np.float64), (channels,)) for k in ("scale", "offset"))
+        return scale, shift
+    # Normalization: (x - mean) / max(sqrt(variance), 1e-7), Keras's backend epsilon
+    mean, variance = (layer.weights[0], layer.weights[1]) if a["mean"] is None else (a["mean"], a["variance"])
+    mean, variance = (np.broadcast_to(np.asarray(v, np.float64), (channels,)) for v in (mean, variance))
+    scale = 1.0 / np.maximum(np.sqrt(variance), 1e-7)
+    return scale, -mean * scale
+
+
+def to_scale_shift(g):
+    for layer in g.layers:
+        if layer.kind in AFFINE_KINDS:
+            scale, shift = _affine(layer, g.shapes[layer.name][-1])
+            layer.kind, layer.attrs = "ScaleShift", {"from": layer.kind}
+            layer.weights = [scale.astype(np.float32), shift.astype(np.float32)]
+
+
+def fold_padding(g):
+    for layer in list(g.layers):
+        if layer.kind == "Conv2D" and layer.pads == (0, 0, 0, 0):
+            pad = g.producer(layer, ("ZeroPadding2D",))
+            if pad is not None:
+                layer.pads = pad.attrs["pads"]
+                layer.inputs = list(pad.inputs)
+                layer.folded.append(pad.name)
+                g.layers.remove(pad)
+                g.resolve()
+
+
+def _kernel_and_bias(layer):
+    kernel = layer.weights[0].astype(np.float64)
+    bias = layer.weights[1].astype(np.float64) if len(layer.weights) > 1 else np.zeros(kernel.shape[-1])
+    return kernel, bias
+
+
+def fold_into_producer(g):
+    for layer in list(g.layers):
+        if layer.kind != "ScaleShift" or not layer.activation.linear:
+            continue
+        producer = g.producer(layer, ("Conv2D", "Dense", "ScaleShift"))
+        if producer is None or not producer.activation.linear or producer.residual is not None:
+            continue
+        scale, shift = (w.astype(np.float64) for w in layer.weights)
+        if producer.kind == "ScaleShift":
+            first, second = producer.weights
+            producer.weights = [first * scale, second * scale + shift]
+        else:
+            kernel, bias = _kernel_and_bias(producer)
+            producer.weights = [kernel * scale, bias * scale + shift]
+        producer.weights = [w.astype(np.float32) for w in producer.weights]
+        g.remove(layer, into=producer)
+
+
+def _pads_zeros(conv):
+    a = conv.attrs
+    return conv.pads != (0, 0, 0, 0) or a["padding"] == "same" and a["kernel"] != (1, 1)
+
+
+def fold_into_consumer(g):
+    for layer in list(g.layers):
+        if layer.kind != "ScaleShift" or not layer.activation.linear or layer.name == g.output:
+            continue
+        reader = g.sole_reader(layer)
+        if reader is None or reader.kind not in ("Conv2D", "Dense"):
+            continue
+        scale, shift = (w.astype(np.float64) for w in layer.weights)
+        if reader.kind == "Conv2D" and shift.any() and _pads_zeros(reader):
+            continue  # inexact: the padded border would not be shifted
+        kernel, bias = _kernel_and_bias(reader)
+        # conv(x * s + t) = conv_{w * s}(x) + sum over the window and input channels of w * t
+        input_axis = kernel.ndim - 2
+        bias = bias + np.tensordot(kernel, shift, axes=([input_axis], [0])).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        kernel = kernel * scale.reshape((-1, 1))
+        reader.weights = [kernel.astype(np.float32), bias.astype(np.float32)]
+        g.remove(layer, into=reader)
+        reader.folded.insert(0, reader.folded.pop())  # it ran before the reader
+
+
+def fuse_add(g):
+    for layer in list(g.layers):
+        if layer.kind != "Add" or len(layer.inputs) != 2:
+            continue
+        for i, name in enumerate(layer.inputs):
+            conv = next((l for l in g.layers if l.name == name), None)
+            other = layer.inputs[1 - i]
+            if (conv is not None and conv.kind == "Conv2D" and conv.activation.linear and conv.residual is None
+                    and g.sole_reader(conv) is layer and other != conv.name):
+                conv.residual = other
+                conv.activation = layer.activation
+                conv.folded.append(layer.name)
+                # the conv now runs where the Add ran: after both of its inputs
+                g.layers.remove(conv)
+                g.layers[g.layers.index(layer)] = conv
+                g.renamed[layer.name] = conv.name
+                g.resolve()
+                break
+
+
+def fuse_activation(g):
+    for layer in list(g.layers):
+        if layer.kind in ACTIVATION_KINDS:
+            producer = g.producer(layer, ("Conv2D", "Dense", "ScaleShift", "Add"))
+            if producer is not None and producer.activation.linear:
+                producer.activation = layer.attrs["activation"]
+                g.remove(layer, into=producer)
+
+
+PASSES = (drop_identities, to_scale_shift, fold_padding, fold_into_producer, fold_into_consumer, fuse_add,
+          fuse_activation)
+
+
+def rewrite(layers, output, input_shape, passes=PASSES):
+    """Run ``passes`` over a copy of the layers; returns the new layers (topologically ordered) and output."""
+    g = Graph(layers, output, input_shape)
+    for step in passes:
+        step(g)
+    return g.layers, g.output

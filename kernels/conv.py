@@ -23,6 +23,7 @@ from .winograd import input_transform_forward, output_transform_forward, transfo
 # SSE (no FMA: a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
 PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "sse": (8, 4)}[ISA]
 LINE_FLOATS = 16  # float32 per 64-byte cache line
+PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
@@ -154,16 +155,20 @@ def pixel_starts(out_shape, in_shape, stride, runs):
     return starts
 
 
-def work_split(runs, ntiles, nblk, depth, threads):
+def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (whose weights stay in L2, ``GROUP_BYTES``) for a
-    run of about ``CHUNK`` tiles.  Numba hands each thread an equal share of the tasks,
-    so the task count is grown, along whichever side has more work per task, until it
-    is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per thread.
+    run of about ``CHUNK`` tiles.  Numba hands each thread an equal, contiguous share of
+    the tasks, so the task count is grown, along whichever side has more work per task,
+    until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
+    thread.  ``by_tiles`` (Winograd, whose transforms split the tiles the same way) makes
+    the tile runs a multiple of ``threads``, so each thread's products stay in its own cache.
     """
     group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
     ngroups, nchunks = -(-nblk // group), -(-ntiles // CHUNK)
+    if by_tiles and ntiles >= threads:
+        nchunks = min(ntiles // threads, -(-nchunks // threads)) * threads
     while True:
         tasks = runs * nchunks * ngroups
         if tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads):
@@ -215,8 +220,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
     ngroups = (nblk + group - 1) // group
     for task in prange(runs * nchunks * ngroups):
-        run = task // (nchunks * ngroups)
-        chunk = task // ngroups % nchunks
+        chunk = task // (runs * ngroups)  # chunk-major: a thread's share is a run of whole tiles
+        run = task // ngroups % runs
         first = task % ngroups * group
         wset = run % sets
         acc = carray(stack_f32(ACC), (TILE, PANEL))
@@ -241,6 +246,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     for j in range(PANEL):
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                 panel = panels[wset, b]
+                # the task's first tile reads each panel from memory: prefetch a few rows ahead
+                cold = tile == begin
                 r = np.uint64(0)
                 for i in range(kernel_h):
                     # a kernel row's taps and channels are one contiguous run of the input row
@@ -249,6 +256,9 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     for q in range(np.uint64(row)):
                         for t in range(TILE):
                             xv[t] = x[xb[t] + q]
+                        if cold:
+                            for line in range(0, PANEL, LINE_FLOATS):
+                                prefetch(panel, (r + np.uint64(PREFETCH_ROWS)) * np.uint64(PANEL) + np.uint64(line))
                         for j in range(PANEL):
                             wv = panel[r, j]
                             for t in range(TILE):
@@ -454,7 +464,7 @@ class Conv2DPlan:
         split = self._splits.get(key)
         if split is None:
             split = self._splits[key] = work_split(starts.shape[0], starts.shape[1] // TILE, panels.shape[1],
-                                                   panels.shape[2], key[0])
+                                                   panels.shape[2], key[0], by_tiles=self.winograd)
         return split
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):

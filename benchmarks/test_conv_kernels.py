@@ -92,4 +92,8 @@ def test_fma_peak(benchmark):
     benchmark.extra_info["gflop"] = 2 * out.size * steps / 1e9
     benchmark.extra_info.update(isa=roofline.ISA, tile=f"{roofline.TILE}x{roofline.PANEL}")
     benchmark(roofline.fma_peak_forward, out, steps)
-    assert np.isfinite(out).all() and out[0, 1] > 1
+    # each accumulator follows a <- a * s + c from a = j: a = c / (1 - s) + (j - c / (1 - s)) * s ** steps
+    scale, shift = 0.999999, 1e-7
+    fixed = shift / (1 - scale)
+    expected = fixed + (np.arange(roofline.ACC) - fixed) * scale ** steps
+    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-2, atol=1e-3)  # float32 drift

@@ -309,6 +309,9 @@ def winograd_starts(tiles, cin):
 def zero_pad_forward(out, inp, top, left):
     """Copy ``inp`` into the middle of ``out`` and zero the border.
 
+    Row by row through 1-D views, so every inner loop runs over non-negative offsets
+    and vectorises (4-D indexing tests each index for wrap-around and stays scalar).
+
     Parameters
     ----------
     out : float32 (N, H + top + bottom, W + left + right, C), written
@@ -317,17 +320,22 @@ def zero_pad_forward(out, inp, top, left):
     """
     n, hp, wp, c = out.shape
     h, w = inp.shape[1], inp.shape[2]
+    rows_out, rows_in = out.reshape(n * hp, wp * c), inp.reshape(n * h, w * c)
     for row in prange(n * hp):
-        b = row // hp
-        yy = row % hp - top
-        for xx in range(wp):
-            src = xx - left
-            if 0 <= yy < h and 0 <= src < w:
-                for ch in range(c):
-                    out[b, row % hp, xx, ch] = inp[b, yy, src, ch]
-            else:
-                for ch in range(c):
-                    out[b, row % hp, xx, ch] = 0.0
+        dst = rows_out[row]
+        y = row % hp - top
+        if 0 <= y < h:
+            src = rows_in[row // hp * h + y]
+            before, middle, after = dst[: left * c], dst[left * c: (left + w) * c], dst[(left + w) * c:]
+            for k in range(before.size):
+                before[k] = 0.0
+            for k in range(middle.size):
+                middle[k] = src[k]
+            for k in range(after.size):
+                after[k] = 0.0
+        else:
+            for k in range(dst.size):
+                dst[k] = 0.0
 
 
 def zero_pad2d(x, padding, out=None):

@@ -35,20 +35,22 @@ def pool2d_forward(out, inp, pool, stride, pad, average):
         for x in range(ow):
             x0 = max(x * stride[1] - pad[1], 0)
             x1 = min(x * stride[1] - pad[1] + pool[1], w)
+            dst = out[b, y, x]  # 1-D views: the channel loops vectorise
             for ch in range(c):
-                out[b, y, x, ch] = 0.0 if average else -np.inf
+                dst[ch] = 0.0 if average else -np.inf
             for yy in range(y0, y1):
                 for xx in range(x0, x1):
+                    src = inp[b, yy, xx]
                     for ch in range(c):
-                        v = inp[b, yy, xx, ch]
+                        v = src[ch]
                         if average:
-                            out[b, y, x, ch] += v
-                        elif not v <= out[b, y, x, ch]:  # NaN propagates, as in TensorFlow
-                            out[b, y, x, ch] = v
+                            dst[ch] += v
+                        elif not v <= dst[ch]:  # NaN propagates, as in TensorFlow
+                            dst[ch] = v
             if average:
-                scale = 1.0 / ((y1 - y0) * (x1 - x0))
+                scale = np.float32(1.0 / ((y1 - y0) * (x1 - x0)))
                 for ch in range(c):
-                    out[b, y, x, ch] *= scale
+                    dst[ch] *= scale
 
 
 @pjit

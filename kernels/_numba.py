@@ -110,6 +110,23 @@ CPU_NAME, CPU_FEATURES, ISA = _choose_target()
 VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "sse": 4}[ISA]
 
 
+def l2_bytes(default=1 << 20):
+    """The size of one core's L2 cache (sysfs), or ``default`` where the system does not say."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            with open(os.path.join(base, index, "level"), encoding="ascii") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(base, index, "size"), encoding="ascii") as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
+
+
 def cpu_model():
     """The CPU's name as the system reports it (``/proc/cpuinfo``), else the platform's description."""
     try:

@@ -14,7 +14,7 @@ from numba import carray, prange
 
 from . import _checks, _memory, wisdom
 from ._im2col import im2col_forward
-from ._numba import CPU_NAME, ISA, cpu_model, get_num_threads, jit, pjit, prefetch, stack_f32, stack_u64
+from ._numba import CPU_NAME, ISA, cpu_model, get_num_threads, jit, l2_bytes, pjit, prefetch, stack_f32, stack_u64
 from .winograd import input_transform_forward, output_transform_forward, transform_kernel
 
 # The register tile, TILE output pixels x PANEL output channels, fills the vector register
@@ -26,7 +26,7 @@ LINE_FLOATS = 16  # float32 per 64-byte cache line
 PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
-GROUP_BYTES = 256 * 1024  # weight panels one task cycles through per tile (fits Zen 4's 1 MiB L2)
+GROUP_BYTES = l2_bytes() // 4  # weight panels one task cycles through per tile: a quarter of L2
 # Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
 # 14x14x256 1.5x at batch 1; 7x7x512 1.4-1.9x and 4x4x256 1.4x from batch 2 and 8 on.  It loses
 # on small calls (16x16x64 at batch 1: 0.5x; 7x7x512 at batch 1: 0.9x), where its 4x larger

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from numba import carray, prange
 
-from ._numba import CPU_NAME, ISA, VECTOR_FLOATS, cpu_model, get_num_threads, pjit, stack_f32
+from ._numba import CPU_NAME, ISA, VECTOR_FLOATS, cpu_model, get_num_threads, l2_bytes, pjit, stack_f32
 from .conv import ACC, PANEL, TILE
 
 PEAK_STEPS = 65536  # multiply-adds per accumulator per call
@@ -99,7 +99,7 @@ def machine(measure=True):
     """
     info = {
         "cpu": cpu_model(), "llvm_cpu": CPU_NAME, "isa": ISA, "vector_bits": 32 * VECTOR_FLOATS,
-        "tile": f"{TILE}x{PANEL}", "threads": get_num_threads(), "cores": os.cpu_count(),
+        "tile": f"{TILE}x{PANEL}", "threads": get_num_threads(), "cores": os.cpu_count(), "l2_bytes": l2_bytes(),
     }
     if measure:
         peak, bandwidth = _measure(info["threads"])

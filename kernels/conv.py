@@ -412,9 +412,10 @@ class Conv2DPlan:
     calls it on every forward pass.  Calling it checks nothing.  A stride-1 3x3
     convolution may run as Winograd F(4x4, 3x3): ``winograd=True`` or ``False``
     forces the choice; by default, above ``WINOGRAD_MEASURE_FLOPS`` the faster of
-    the two on this machine is taken from ``wisdom`` (measured once and recorded),
-    and otherwise, or with wisdom off, the rule decides: at least
-    ``WINOGRAD_MIN_TILES`` 4x4 output blocks and ``WINOGRAD_MIN_FLOPS``.
+    the two on this machine is taken from ``wisdom`` (measured once and recorded)
+    where there are at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks to share the
+    transformed weights; otherwise, or with wisdom off, the rule decides: at least
+    ``WINOGRAD_MIN_TILES`` blocks and ``WINOGRAD_MIN_FLOPS``.
 
     Parameters
     ----------
@@ -437,7 +438,10 @@ class Conv2DPlan:
         if winograd is None and possible:
             flops = 2 * n * oh * ow * kh * kw * cin * cout
             rule = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
-            winograd = rule if flops < WINOGRAD_MEASURE_FLOPS else _measured_winograd(packed, input_shape, pads, rule)
+            # too few blocks to share its 4x larger weights: a timing with the weights hot in cache
+            # would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
+            measure = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MEASURE_FLOPS
+            winograd = _measured_winograd(packed, input_shape, pads, rule) if measure else rule
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
         if self.winograd:

@@ -236,3 +236,23 @@ def prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+@intrinsic
+def evict_line(typingctx, array, index):
+    """Write back and drop ``array.reshape(-1)[index]``'s cache line from every cache level (x86 ``clflush``).
+
+    For measuring a kernel as a forward pass meets it, with its weights in memory rather than in
+    cache.  ``array`` must be C-contiguous; the address is not bounds-checked.
+    """
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [address.type])
+        builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.clflush"), [address])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen

@@ -85,11 +85,12 @@ def record(machine, key, value):
             pass
 
 
-def choose(machine, key, candidates, rule):
+def choose(machine, key, candidates, rule, before=None):
     """Return the fastest of ``candidates`` for ``key`` (name -> callable running once).
 
     The recorded choice if there is one; else, in "measure" mode, times each
-    candidate (best of a few runs, alternating) and records the winner; else ``rule``.
+    candidate (best of a few runs, alternating; ``before(name)``, if given, runs
+    untimed before each) and records the winner; else ``rule``.
     """
     known = lookup(machine, key)
     if known in candidates:
@@ -102,6 +103,8 @@ def choose(machine, key, candidates, rule):
         run()  # warm-up: compile or load each kernel before any timing
     for _ in range(5):
         for name, run in candidates.items():
+            if before is not None:
+                before(name)
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

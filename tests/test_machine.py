@@ -59,3 +59,26 @@ def test_packed_weights_and_plan_buffers_are_aligned(rng):
     plan = K.Conv2DPlan(packed, (1, 16, 16, 24), 1, (1, 1, 1, 1), winograd=True)
     assert all(b.ctypes.data % _memory.ALIGN == 0 for b in (plan.v, plan.m, plan.padded))
     assert K.conv2d(rng.standard_normal((1, 5, 5, 24), dtype=np.float32), packed).ctypes.data % _memory.ALIGN == 0
+
+
+def test_evict_keeps_the_data(rng):
+    # clflush writes a line back before dropping it: the contents must not change
+    a = rng.standard_normal((37, 19), dtype=np.float32)
+    before = a.copy()
+    a[3, 4] = 7.0
+    conv.evict_forward(a)
+    before[3, 4] = 7.0
+    np.testing.assert_array_equal(a, before)
+
+
+def test_wisdom_times_with_the_weights_evicted(monkeypatch, rng, tmp_path):
+    from fastres.kernels import wisdom
+
+    monkeypatch.setenv("FASTRES_WISDOM", str(tmp_path / "w.json"))
+    monkeypatch.setitem(wisdom._state, "mode", None)
+    monkeypatch.setitem(wisdom._state, "records", None)
+    evicted = []
+    monkeypatch.setattr(conv, "evict_forward", lambda a: evicted.append(a.shape))
+    packed = K.pack_conv2d(rng.standard_normal((3, 3, 32, 64), dtype=np.float32))
+    K.Conv2DPlan(packed, (1, 28, 28, 32), 1, (1, 1, 1, 1))
+    assert (36, 1, 32, conv.PANEL) in evicted and packed.panels.shape in evicted   # both candidates' weights

@@ -73,6 +73,7 @@ def test_bench_compare_json_and_plot(env, default_model, tmp_path):
     report = json.loads(result.stdout)
     engines = report["engines"]
     assert report["input_shape"] == [None, 64, 64, 3] and report["batch"] == 2
+    assert_machine(report["machine"])
     assert engines["fastres"]["status"] == "ok" and engines["fastres"]["median_ms"] > 0
     tf = engines["tensorflow"]
     assert tf["status"] == "ok" and tf["max_abs_diff"] <= 1e-4 * tf["reference_max_abs"]
@@ -106,9 +107,24 @@ def test_info_and_profile(env, default_model):
     assert text.returncode == 0 and "GFLOPs per image" in text.stdout
     profile = run(env, "profile", default_model, "--runs", "2", "--json")
     assert profile.returncode == 0, profile.stderr
-    layers = json.loads(profile.stdout)["layers"]
+    report = json.loads(profile.stdout)
+    layers = report["layers"]
     assert abs(sum(l["share"] for l in layers) - 1) < 1e-6 and all(l["seconds"] > 0 for l in layers)
-    assert "GFLOPS" in run(env, "profile", default_model, "--runs", "1").stdout
+    assert_machine(report["machine"])
+    for layer in layers:   # every GFLOPS figure beside its share of this machine's measured peak
+        assert layer["percent_of_peak"] == pytest.approx(100 * layer["gflops"] / report["machine"]["peak_gflops"])
+    assert all(l["kernel"].split()[0] in ("direct", "winograd") for l in layers if l["kind"].startswith("Conv2D"))
+    text = run(env, "profile", default_model, "--runs", "1").stdout
+    assert "GFLOPS" in text and "% peak" in text and "FMA peak" in text
+
+
+def assert_machine(machine):
+    """bench and profile name what they measured on."""
+    from fastres.kernels import _numba
+
+    assert machine["isa"] == _numba.ISA and machine["vector_bits"] == 32 * _numba.VECTOR_FLOATS
+    assert machine["cpu"] == _numba.cpu_model() and machine["llvm_cpu"] == _numba.CPU_NAME
+    assert machine["peak_gflops"] > 0 and machine["read_gbps"] > 0 and machine["threads"] >= 1
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ repeated on a decorator:
 
 The instruction set and the vector width
 -----------------------------------------
-``ISA`` is ``"avx512"``, ``"avx2"`` (AVX2 with FMA) or ``"sse"`` (anything else),
+``ISA`` is ``"avx512"``, ``"avx2"`` (AVX2 with FMA) or ``"generic"`` (anything else:
+SSE-only x86, or another architecture, where 128-bit vectors are assumed),
 found by compiling a two-line probe for the target Numba will compile for (the
 host, or ``NUMBA_CPU_NAME``); ``VECTOR_FLOATS`` is its width in float32 lanes
 (16, 8, 4).  The convolution's register tile is chosen from these (``conv.py``).
@@ -64,14 +65,17 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 
 
 def _probe_isa(cpu_name, features):
-    """Compile ``_PROBE`` for the target and read the ISA off the assembly."""
-    ll.initialize_native_target()
-    ll.initialize_native_asmprinter()
-    machine = ll.Target.from_default_triple().create_target_machine(cpu=cpu_name, features=features, opt=2)
-    asm = machine.emit_assembly(ll.parse_assembly(_PROBE))
+    """Compile ``_PROBE`` for the target and read the ISA off the assembly ("generic" if it cannot say)."""
+    try:
+        ll.initialize_native_target()
+        ll.initialize_native_asmprinter()
+        machine = ll.Target.from_default_triple().create_target_machine(cpu=cpu_name, features=features, opt=2)
+        asm = machine.emit_assembly(ll.parse_assembly(_PROBE))
+    except RuntimeError:  # an LLVM that cannot build the probe for this target
+        return "generic"
     if "zmm" in asm:
         return "avx512"
-    return "avx2" if "vfmadd" in asm and "ymm" in asm else "sse"
+    return "avx2" if "vfmadd" in asm and "ymm" in asm else "generic"
 
 
 def _started_codegen():
@@ -107,7 +111,8 @@ def _choose_target():
 
 
 CPU_NAME, CPU_FEATURES, ISA = _choose_target()
-VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "sse": 4}[ISA]
+VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "generic": 4}[ISA]
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def l2_bytes(default=1 << 20):
@@ -249,10 +254,11 @@ def evict_line(typingctx, array, index):
         return None
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        fnty = ir.FunctionType(ir.VoidType(), [address.type])
-        builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.clflush"), [address])
+        if X86:  # elsewhere a no-op: the timing then sees the weights in cache
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            fnty = ir.FunctionType(ir.VoidType(), [address.type])
+            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.clflush"), [address])
         return context.get_dummy_value()
 
     return types.void(array, index), codegen

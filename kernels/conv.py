@@ -21,8 +21,8 @@ from .winograd import input_transform_forward, output_transform_forward, transfo
 # The register tile, TILE output pixels x PANEL output channels, fills the vector register
 # file without spilling: TILE * PANEL / lanes accumulators, PANEL / lanes weight vectors and
 # a broadcast.  AVX-512: 6 x 64 = 24 zmm + 4 + 1 of 32.  AVX2: 6 x 16 = 12 ymm + 2 + 1 of 16.
-# SSE (no FMA: a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
-PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "sse": (8, 4)}[ISA]
+# generic (SSE: no FMA, so a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
+PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "generic": (8, 4)}[ISA]
 LINE_FLOATS = 16  # float32 per 64-byte cache line
 PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)

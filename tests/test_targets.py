@@ -25,7 +25,7 @@ TARGETS = {
     "skylake-avx512": ("avx512", "6x64"),
     "icelake-server": ("avx512", "6x64"),
     "znver4": ("avx512", "6x64"),
-    "x86-64": ("sse", "4x8"),
+    "x86-64": ("generic", "4x8"),
 }
 _NEEDS = {"haswell": {"avx2", "fma"}, "skylake-avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
           "icelake-server": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512vnni", "vaes"},
@@ -92,7 +92,7 @@ def test_target_matches_naive(outputs, target):
 
 
 @pytest.mark.parametrize("cpu,isa", [("haswell", "avx2"), ("skylake-avx512", "avx512"), ("znver4", "avx512"),
-                                     ("sapphirerapids", "avx512"), ("x86-64", "sse"), ("x86-64-v3", "avx2")])
+                                     ("sapphirerapids", "avx512"), ("x86-64", "generic"), ("x86-64-v3", "avx2")])
 def test_isa_probe_reads_the_targets_isa(cpu, isa):
     # compiles a probe for the named CPU and reads the assembly: no need to run on that CPU
     assert _numba._probe_isa(cpu, "") == isa

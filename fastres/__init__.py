@@ -5,8 +5,9 @@
 """
 from .errors import FastresError, InputError, ModelFormatError, UnsupportedLayerError
 from .kernels import get_num_threads
+from .limits import memory_limit, set_memory_limit
 from .model import Model, load, set_num_threads
 
 __version__ = "0.1.0"
 __all__ = ["FastresError", "InputError", "Model", "ModelFormatError", "UnsupportedLayerError",
-           "get_num_threads", "load", "set_num_threads"]
+           "get_num_threads", "load", "memory_limit", "set_memory_limit", "set_num_threads"]

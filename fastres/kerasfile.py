@@ -327,7 +327,9 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buffer):
         view = memoryview(buffer).cast("B")
-        count = max(0, min(len(view), self._size - self._pos))
+        if self._pos + len(view) > self._size:  # h5py would fill the rest with zeros: a huge read would
+            raise OSError("a read past the end of model.weights.h5")  # take its size in memory
+        count = len(view)
         self._fh.seek(self._start + self._pos)
         got = self._fh.readinto(view[:count]) or 0
         self._pos += got

@@ -130,7 +130,7 @@ class Model:
         self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
         self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
         self.file_params = sum(self._layer_params.values())
-        self._ops, self._output = rewrite(layers, output, input_shape)
+        self._ops, self._output = rewrite(layers, output, input_shape, take_weights=True)
         if None not in self._input_shape:  # a fixed size: refuse now what no input could run
             need = plan_bytes(self._ops, self._output, (1, *self._input_shape))
             if need > self.memory_limit:
@@ -143,9 +143,8 @@ class Model:
                 kernel = op.weights[0]
                 self._packed[op.name] = K.pack_conv2d(kernel)
                 self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
-                op.weights = []  # only the packed copy stays in memory
-        for layer in layers:
-            layer.weights = []
+                op.weights = []  # only the packed copy stays in memory, released layer by layer
+                del kernel
         self._local = threading.local()
         self.last_kernels = {}  # after profile(): the kernel each convolution ran, by layer name
 
@@ -353,20 +352,23 @@ def _layout(ops, output, shapes, n):
 
 
 def _scratch_bytes(op, shapes, input_shape, n):
-    """An upper estimate of the scratch a Conv2D or Dense plan allocates (padded input, tile starts, Winograd)."""
+    """An upper estimate of the scratch a Conv2D or Dense plan allocates: tile starts, padded input, Winograd blocks.
+
+    The Winograd kernel packing is a weight, made once per layer, and not counted here.
+    """
     if op.kind not in ("Conv2D", "Dense"):
         return 0
     x = shapes[op.inputs[0]] if op.inputs else input_shape
     out = shapes[op.name]
-    pixels = n * math.prod(out[:-1])
-    total = 8 * (pixels + 64)  # the tile starts, int64
+    total = 8 * (n * math.prod(out[:-1]) + 64)  # the tile starts, int64
     if op.kind == "Conv2D":
         (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]
-        rows, cols = x[0] + sum(op.pads[:2]) + kh, x[1] + sum(op.pads[2:]) + kw  # "same" and Winograd padding
-        total += 4 * n * (rows + 6) * (cols + 6) * cin
-        if (kh, kw) == (3, 3) and op.attrs["stride"] == 1:
-            tiles = -(-out[0] // 4) * -(-out[1] // 4)
-            total += 4 * 36 * tiles * (cin + cout) + 4 * 36 * cin * cout + (4 << 20)
+        winograd = (kh, kw) == (3, 3) and op.attrs["stride"] == 1
+        if any(op.pads) or winograd or op.attrs["padding"] == "same" and (kh, kw) != (1, 1):
+            rows, cols = x[0] + sum(op.pads[:2]) + kh + 6, x[1] + sum(op.pads[2:]) + kw + 6  # "same", whole blocks
+            total += 4 * n * rows * cols * cin
+        if winograd:
+            total += 4 * 36 * -(-out[0] // 4) * -(-out[1] // 4) * (cin + cout) * min(n, 8)
     return total
 
 

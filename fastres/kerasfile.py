@@ -23,6 +23,7 @@ stored sizes, datasets by their shape, which ``graph.attach_weights`` compares w
 config before a byte of them is read (``StoredArray.read``).  The file stays open until
 ``ModelFile.close`` (``load`` reads it in a ``with`` block).
 """
+import contextvars
 import io
 import json
 import math
@@ -37,6 +38,7 @@ from h5py import h5l, h5z
 
 from . import limits
 from .errors import ModelFormatError
+from .h5raw import check_vlen_attributes
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")  # a config entry of one of these is a nested model
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -46,6 +48,7 @@ ZIP_BOMB_RATIO, ZIP_BOMB_FLOOR = 20, 64 << 20  # a compressed member may expand 
 # what a damaged HDF5 or zip file raises from h5py, zipfile and json
 READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError, EOFError,
                zipfile.BadZipFile, NotImplementedError, RecursionError)
+_raw = contextvars.ContextVar("raw")  # read(offset, size) of the HDF5 file being read, for h5raw
 
 
 @dataclass
@@ -129,9 +132,15 @@ def read_model_file(path):
             return _read_keras_zip(path, handles)
         if head == HDF5_SIGNATURE:
             # sec2, the plain POSIX driver: never the family/multi/split drivers, which open other files
-            f = h5py.File(path, "r", driver="sec2")
-            handles.append(f)
-            return _read_h5(f, path, os.path.getsize(path), handles)
+            fh = open(path, "rb", buffering=0)
+            handles.append(fh)
+            token = _raw.set(lambda offset, size: os.pread(fh.fileno(), size, offset))
+            try:
+                f = h5py.File(path, "r", driver="sec2")
+                handles.append(f)
+                return _read_h5(f, path, handles)
+            finally:
+                _raw.reset(token)
     except ModelFormatError as exc:
         _close(handles)
         raise ModelFormatError(exc if str(path) in str(exc) else f"{path}: {exc}") from None
@@ -191,6 +200,8 @@ def _attr(group, name, limit):
         return None
     attr = group.attrs.get_id(name)
     size = math.prod(attr.shape or ()) * attr.dtype.itemsize  # declared, before a byte is read
+    if attr.dtype.kind == "O":  # variable-length: the lengths are in the file's raw bytes
+        check_vlen_attributes(group, _raw.get(), limit)
     if size > limit:
         raise ModelFormatError(f"attribute {name!r} of {group.name} is {limits.human(size)}, over the "
                                f"{limits.human(limit)} allowed")
@@ -242,7 +253,7 @@ def load_json(text, what, limit=limits.MAX_CONFIG_BYTES):
     return value
 
 
-def _read_h5(f, path, file_size, handles):
+def _read_h5(f, path, handles):
     config_text = _text_attr(f, "model_config", limits.MAX_CONFIG_BYTES)
     version = _text_attr(f, "keras_version") or ""
     if config_text is not None:
@@ -325,6 +336,12 @@ class _Window(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def read(self, size=-1):
+        """Up to ``size`` bytes (fewer at the end), unlike ``readinto``, which refuses to read past it."""
+        size = self._size - self._pos if size < 0 else min(size, max(0, self._size - self._pos))
+        out = bytearray(size)
+        return bytes(out[: self.readinto(out)])
+
     def readinto(self, buffer):
         view = memoryview(buffer).cast("B")
         if self._pos + len(view) > self._size:  # h5py would fill the rest with zeros: a huge read would
@@ -380,6 +397,14 @@ def _weights_member(archive, path, handles):
     return _Window(fh, start, info.file_size)
 
 
+def _reader(fileobj):
+    """``read(offset, size)`` on a seekable file object."""
+    def read(offset, size):
+        fileobj.seek(offset)
+        return fileobj.read(size)
+    return read
+
+
 def _read_keras_zip(path, handles):
     archive = zipfile.ZipFile(path)
     handles.append(archive)
@@ -396,9 +421,13 @@ def _read_keras_zip(path, handles):
         raise ModelFormatError(f"{path}: config.json and metadata.json must each hold a JSON object")
     member = _weights_member(archive, path, handles)
     handles.append(member)
-    f = h5py.File(member, "r")
-    handles.append(f)
-    weights = _read_saving_order(f, config, path)
+    token = _raw.set(_reader(member))
+    try:
+        f = h5py.File(member, "r")
+        handles.append(f)
+        weights = _read_saving_order(f, config, path)
+    finally:
+        _raw.reset(token)
     return ModelFile("keras3-zip", str(meta.get("keras_version", "3")), config, weights, handles)
 
 

@@ -26,7 +26,7 @@ WORKER = Path(__file__).parent / "scripts" / "fuzz_worker.py"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A Keras 2 Sequential .h5 and a Keras 3 Functional .h5 and .keras, saved once."""
+    """A Keras 2 Sequential .h5, a Keras 3 Functional .h5 and .keras, and a model nesting a Sequential model."""
     folder = tmp_path_factory.mktemp("hostile")
     keras = km.keras2()
     km.seed(keras, 0)
@@ -36,6 +36,9 @@ def files(tmp_path_factory):
     model = km.rare_options(keras3)
     model.save(folder / "func.h5")
     model.save(folder / "func.keras")
+    inp = keras3.Input((13, 11, 3))
+    x = km.small_sequential(keras3)(inp, training=False)
+    keras3.Model(inp, keras3.layers.Dense(3)(x)).save(folder / "nested.keras")
     return folder
 
 
@@ -363,7 +366,8 @@ assert seen == [1, 1] and fastres.get_num_threads() == 2, seen
 
 @pytest.mark.parametrize("kind,count", [("config", 120), ("h5bytes", 120), ("zip", 90)])
 def test_fuzzed_files(files, kind, count):
-    bases = {"config": ["seq.h5", "func.h5", "func.keras"], "h5bytes": ["seq.h5", "func.h5"], "zip": ["func.keras"]}
+    bases = {"config": ["seq.h5", "func.h5", "func.keras", "nested.keras"], "h5bytes": ["seq.h5", "func.h5"],
+             "zip": ["func.keras", "nested.keras"]}
     args = [sys.executable, str(WORKER), kind, str(sum(kind.encode())), str(count), *(str(files / b) for b in bases[kind])]
     run = subprocess.run(args, capture_output=True, text=True, timeout=40 + count)
     lines = run.stdout.splitlines()
@@ -375,3 +379,5 @@ def test_fuzzed_files(files, kind, count):
     assert not bad, "\n".join(bad)
     outcomes = {l.split()[1] for l in results}
     assert "refused" in outcomes  # the mutations reach the checks
+    peak = max(int(l.rsplit("rss=", 1)[1].removesuffix("MiB")) for l in results)
+    assert peak < 1024, f"a mutant took the worker to {peak} MiB"  # small models: ~200 MiB with Numba

@@ -1,12 +1,13 @@
-"""The one check h5py cannot make: the lengths of variable-length attribute values, read raw.
+"""Variable-length attribute values (Keras's strings), read from the raw file rather than by HDF5.
 
 A variable-length value (the strings Keras writes: ``model_config``, ``layer_names``,
 ``weight_names``, ...) is stored as a heap ID: a 4-byte length, then where the bytes are.
 HDF5 allocates and clears that length before it reads a byte, so one corrupt length makes
 it take up to 4 GiB.  ``check_vlen_attributes`` reads the attribute messages of an object
 header (version 1 and 2 headers, with their continuation chunks) straight from the file and
-refuses a length over the limit before h5py reads the attribute.  A header it cannot
-follow is left to HDF5's own checks.
+refuses a length over the limit, checks the layout of the global heap collections the values
+sit in (HDF5 has looped forever and crashed on corrupt ones), and reads the values itself.
+A header it cannot follow is left to h5py.
 """
 import struct
 
@@ -78,24 +79,79 @@ def _attribute(data):
     return name, dtype_class, count, data[at:]
 
 
-def check_vlen_attributes(obj, read, limit):
-    """Refuse an attribute of ``obj`` whose variable-length values declare more than ``limit`` bytes.
+def _collection(read, addr, limit):
+    """{index: (size, offset of its data)} of the objects of the global heap collection at ``addr``, checked.
+
+    A collection is "GCOL", version 1, its size, then objects (index, references, size, data
+    padded to 8 bytes) that must tile it, the last one possibly the free space (index 0), which
+    ends exactly at its end.
+    HDF5 trusts this layout (a corrupt object header has made it loop forever).
+    """
+    head = read(addr, 16)
+    if len(head) < 16 or head[:5] != b"GCOL\x01":
+        raise ValueError(f"no global heap collection at {addr}")
+    size = struct.unpack_from("<Q", head, 8)[0]
+    if not 16 <= size <= limit:
+        raise ValueError(f"the global heap collection at {addr} declares {size} bytes")
+    data = read(addr, size)
+    if len(data) != size:
+        raise ValueError(f"the global heap collection at {addr} runs past the end of the file")
+    objects, at = {}, 16
+    while at + 16 <= size:
+        index, _, _, length = struct.unpack_from("<HHIQ", data, at)
+        if index == 0:  # the free space, exactly to the end
+            if at + length != size:
+                raise ValueError(f"the free space of the global heap collection at {addr} does not end with it")
+            return objects
+        end = at + 16 + -(-length // 8) * 8
+        if index in objects or end > size:
+            raise ValueError(f"object {index} of the global heap collection at {addr} is corrupt")
+        objects[index], at = (length, at + 16), end
+    return objects  # less than an object header is left: HDF5 writes no free-space object there
+
+
+def vlen_attribute(obj, read, name, limit):
+    """The values (bytes) of the variable-length attribute ``name`` of ``obj``, read from the raw file.
+
+    Returns a list of bytes (one per element), or None when the object header is not one this
+    module follows (then h5py reads it).  Raises ModelFormatError when a value declares more
+    than ``limit`` bytes in all, or its global heap collection is not laid out as HDF5 expects:
+    h5py is never asked to read such a value (HDF5 allocates the declared length first, and
+    has looped forever or crashed on a corrupt collection).
 
     ``read(offset, size)`` returns bytes of the HDF5 file (fewer at its end).
     """
     try:
-        addr = h5py.h5o.get_info(obj.id).addr
-        messages = list(_messages(read, addr))
+        messages = list(_messages(read, h5py.h5o.get_info(obj.id).addr))
     except (struct.error, IndexError, ValueError, OSError):
-        return  # not a header this module follows: HDF5 checks it
+        return None
+    wanted = name.encode("utf8")
     for data in messages:
         try:
-            name, dtype_class, count, raw = _attribute(data)
+            found, dtype_class, count, raw = _attribute(data)
         except (struct.error, IndexError):
             continue
-        if dtype_class != 9:  # not variable-length
+        if found != wanted:
             continue
-        lengths = [struct.unpack_from("<I", raw, 16 * i)[0] for i in range(min(count, len(raw) // 16))]
-        if sum(lengths) > limit:
-            raise ModelFormatError(f"attribute {name.decode('utf8', 'replace')!r} of {obj.name} declares "
-                                   f"{limits.human(sum(lengths))} of text, over the {limits.human(limit)} allowed")
+        if dtype_class != 9:
+            raise ModelFormatError(f"attribute {name!r} of {obj.name} is not variable-length text")
+        heap_ids = [struct.unpack_from("<IQI", raw, 16 * i) for i in range(min(count, len(raw) // 16))]
+        total = sum(length for length, _, _ in heap_ids)
+        if total > limit:
+            raise ModelFormatError(f"attribute {name!r} of {obj.name} declares {limits.human(total)} of text, "
+                                   f"over the {limits.human(limit)} allowed")
+        try:
+            return [_heap_object(read, where, index, length, limit) for length, where, index in heap_ids]
+        except (ValueError, struct.error, OSError) as exc:
+            raise ModelFormatError(f"attribute {name!r} of {obj.name}: {exc}") from None
+    return None
+
+
+def _heap_object(read, addr, index, length, limit):
+    """``length`` bytes of object ``index`` of the global heap collection at ``addr``."""
+    if not length:
+        return b""
+    objects = _collection(read, addr, 2 * limit)
+    if index not in objects or objects[index][0] < length:
+        raise ValueError(f"the global heap collection at {addr} has no object {index} of {length} bytes")
+    return read(addr + objects[index][1], length)

@@ -38,7 +38,7 @@ from h5py import h5l, h5z
 
 from . import limits
 from .errors import ModelFormatError
-from .h5raw import check_vlen_attributes
+from .h5raw import vlen_attribute
 
 MODEL_CLASSES = ("Functional", "Model", "Sequential")  # a config entry of one of these is a nested model
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -200,8 +200,10 @@ def _attr(group, name, limit):
         return None
     attr = group.attrs.get_id(name)
     size = math.prod(attr.shape or ()) * attr.dtype.itemsize  # declared, before a byte is read
-    if attr.dtype.kind == "O":  # variable-length: the lengths are in the file's raw bytes
-        check_vlen_attributes(group, _raw.get(), limit)
+    if attr.dtype.kind == "O":  # variable-length text: read from the raw file, not by HDF5
+        values = vlen_attribute(group, _raw.get(), name, limit)
+        if values is not None:
+            return values[0] if attr.shape == () and len(values) == 1 else np.array(values, dtype=object)
     if size > limit:
         raise ModelFormatError(f"attribute {name!r} of {group.name} is {limits.human(size)}, over the "
                                f"{limits.human(limit)} allowed")

@@ -53,6 +53,8 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
         if str(path) in str(exc):
             raise
         raise type(exc)(f"{path}: {exc}") from None
+    except ValueError as exc:  # a kernel refusing folded values, e.g. a batch-norm with variance + epsilon = 0
+        raise ModelFormatError(f"{path}: {exc}") from None
     except (MemoryError, RecursionError) as exc:  # a bound this module missed: still the file's fault
         raise ModelFormatError(f"{path}: the model needs more than this process has ({type(exc).__name__})") from None
 

@@ -7,6 +7,7 @@ caught and pinned to its mutant).
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tracemalloc
@@ -232,6 +233,21 @@ def test_huge_declared_kernel_is_not_allocated(files, options, message):
     refused(path, message)
 
 
+def test_huge_text_attribute_length_is_not_allocated(files):
+    """A variable-length string's declared length (HDF5 allocates it before reading) is checked in the raw header."""
+    path = files / "huge_text.h5"
+    data = bytearray((files / "seq.h5").read_bytes())
+    with h5py.File(files / "seq.h5", "r") as f:
+        first = f["model_weights"].attrs["layer_names"][0]
+    at = data.index(b"layer_names\0")
+    # the first heap ID after the name: the first name's length, a collection address inside the file, an index
+    heap_id = next(i for i in range(at, at + 512) if struct.unpack_from("<I", data, i)[0] == len(first)
+                   and 0 < struct.unpack_from("<Q", data, i + 4)[0] < len(data))
+    data[heap_id: heap_id + 4] = struct.pack("<I", 0xFFFFFFF0)
+    path.write_bytes(bytes(data))
+    refused(path, "attribute 'layer_names' of /model_weights declares 4.0 GiB of text")
+
+
 def test_zip_bomb_and_huge_config(files):
     bomb = files / "bomb.keras"
     with zipfile.ZipFile(files / "func.keras") as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
@@ -277,6 +293,10 @@ def test_negative_moving_variance(files):
         f.visititems(lambda n, o: found.append(n) if "moving_variance" in n and isinstance(o, h5py.Dataset) else None)
         f[found[0]][0] = -1.0
     refused(path, "(BatchNormalization): moving_variance holds negative values")
+    with h5py.File(path, "r+") as f:
+        f[found[0]][0] = 0.0
+    zero = h5_config(path.parent, "zerovar.h5", set_option("BatchNormalization", "epsilon", 0), base=path.name)
+    refused(zero, "var + epsilon must be positive")  # 1 / sqrt(0): refused, not run
 
 
 def test_unconnected_conv(files):
@@ -369,7 +389,7 @@ def test_fuzzed_files(files, kind, count):
     bases = {"config": ["seq.h5", "func.h5", "func.keras", "nested.keras"], "h5bytes": ["seq.h5", "func.h5"],
              "zip": ["func.keras", "nested.keras"]}
     args = [sys.executable, str(WORKER), kind, str(sum(kind.encode())), str(count), *(str(files / b) for b in bases[kind])]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=40 + count)
+    run = subprocess.run(args, capture_output=True, text=True, timeout=60 + 12 * count)
     lines = run.stdout.splitlines()
     started = [l.split()[0] for l in lines if l.endswith(" start")]
     assert run.returncode == 0, f"the worker died ({run.returncode}) on mutant {started[-1:]}: {run.stderr[-2000:]}"

@@ -10,6 +10,7 @@ process's peak RSS so far (``rss=<n>MiB``).  Anything else that escapes
 (a KeyError, a RecursionError, ...) is printed as ``<index> BAD <type>: <message>``.
 Nothing here needs Keras: the parent test writes the base files.
 """
+import faulthandler
 import io
 import json
 import os
@@ -124,7 +125,8 @@ def main():
         target = os.path.join(folder, f"mutant{index}" + os.path.splitext(base)[1])
         make_mutant(kind, base, rng, target)
         print(index, "start", flush=True)
-        signal.alarm(SECONDS_PER_MUTANT)
+        signal.alarm(SECONDS_PER_MUTANT)  # a Python-level hang; a hang inside C ends the process:
+        faulthandler.dump_traceback_later(2 * SECONDS_PER_MUTANT, exit=True)
         try:
             model = fastres.load(target)
             shape = [8 if d is None else d for d in model.input_shape[1:]]
@@ -140,6 +142,7 @@ def main():
             line = f"BAD {type(exc).__name__}: {str(exc)[:300]}"
         finally:
             signal.alarm(0)
+            faulthandler.cancel_dump_traceback_later()
         print(index, line, f"rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}MiB", flush=True)
         os.remove(target)
 

@@ -3,7 +3,7 @@
 A variable-length value (the strings Keras writes: ``model_config``, ``layer_names``,
 ``weight_names``, ...) is stored as a heap ID: a 4-byte length, then where the bytes are.
 HDF5 allocates and clears that length before it reads a byte, so one corrupt length makes
-it take up to 4 GiB.  ``check_vlen_attributes`` reads the attribute messages of an object
+it take up to 4 GiB.  ``vlen_attribute`` reads the attribute messages of an object
 header (version 1 and 2 headers, with their continuation chunks) straight from the file and
 refuses a length over the limit, checks the layout of the global heap collections the values
 sit in (HDF5 has looped forever and crashed on corrupt ones), and reads the values itself.
@@ -123,7 +123,7 @@ def vlen_attribute(obj, read, name, limit):
     """
     try:
         messages = list(_messages(read, h5py.h5o.get_info(obj.id).addr))
-    except (struct.error, IndexError, ValueError, OSError):
+    except (struct.error, IndexError, ValueError, OSError, OverflowError):
         return None
     wanted = name.encode("utf8")
     for data in messages:
@@ -142,7 +142,7 @@ def vlen_attribute(obj, read, name, limit):
                                    f"over the {limits.human(limit)} allowed")
         try:
             return [_heap_object(read, where, index, length, limit) for length, where, index in heap_ids]
-        except (ValueError, struct.error, OSError) as exc:
+        except (ValueError, struct.error, OSError, OverflowError) as exc:  # an address past 2**63 too
             raise ModelFormatError(f"attribute {name!r} of {obj.name}: {exc}") from None
     return None
 

@@ -14,7 +14,6 @@ import faulthandler
 import io
 import json
 import os
-import resource
 import signal
 import sys
 import tempfile
@@ -110,6 +109,16 @@ def make_mutant(kind, base, rng, target):
         fh.write(data)
 
 
+def peak_rss_mib():
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's, inherited across fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next((l for l in status if l.startswith("VmHWM:")), "VmHWM: 0 kB")
+    except OSError:  # not Linux: not measured
+        return 0
+    return int(line.split()[1]) >> 10
+
+
 def _timeout(signum, frame):
     raise TimeoutError(f"more than {SECONDS_PER_MUTANT} s")
 
@@ -143,7 +152,7 @@ def main():
         finally:
             signal.alarm(0)
             faulthandler.cancel_dump_traceback_later()
-        print(index, line, f"rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}MiB", flush=True)
+        print(index, line, f"rss={peak_rss_mib()}MiB", flush=True)
         os.remove(target)
 
 

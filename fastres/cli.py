@@ -100,6 +100,11 @@ def _build_parser():
     profile.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
     profile.add_argument("--json", action="store_true", help="print JSON")
     profile.set_defaults(run=_profile)
+
+    compile_ = sub.add_parser("compile", help="compile every kernel into the cache ahead of time",
+                              description="Compile every kernel into Numba's cache (for container images and "
+                                          "read-only installs); fails clearly when the cache is not writable.")
+    compile_.set_defaults(run=_compile)
     return parser
 
 
@@ -531,3 +536,11 @@ def _plot(report, filename):
         raise FastresError(f"cannot write {filename}: {exc.strerror}") from None
     finally:
         plt.close(fig)
+
+
+def _compile(args):
+    from .precompile import compile_all
+
+    path, seconds = compile_all()
+    print(f"fastres: every kernel compiled into {path} in {seconds:.1f} s")
+    return 0

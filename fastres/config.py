@@ -8,7 +8,8 @@ config is executed: every option is read as data and checked.
 """
 import numpy as np
 
-from .errors import ModelFormatError, UnsupportedLayerError
+from . import limits
+from .errors import FastresError, ModelFormatError, UnsupportedLayerError
 from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Activation, Layer, layer_label
 from .kerasfile import MODEL_CLASSES
 
@@ -30,18 +31,37 @@ def _where(name, scope, kind=None):
 
 # ---------------------------------------------------------------- one layer's options
 
-def _pair(where, key, value):
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return tuple(value)
-    raise ModelFormatError(f"{where}: {key} must be an int or a pair of ints, got {value!r}")
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(where, key, value, default):
+def _int(where, key, value, low=1, high=limits.MAX_SIZE):
+    """An int option in ``low .. high``."""
+    if not _is_int(value) or not low <= value <= high:
+        raise ModelFormatError(f"{where}: {key} must be an int from {low} to {high}, got {_short(value)}")
+    return value
+
+
+def _pair(where, key, value, low=1, high=limits.MAX_SIZE):
+    """An int or a pair of ints option, each in ``low .. high``, as a pair."""
+    if _is_int(value):
+        value = (value, value)
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ModelFormatError(f"{where}: {key} must be an int or a pair of ints, got {_short(value)}")
+    return tuple(_int(where, key, v, low, high) for v in value)
+
+
+def _short(value, width=80):
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _number(where, key, value, default, low=-np.inf):
+    """A finite number option, at least ``low``."""
     value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelFormatError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < low:
+        bound = "" if low == -np.inf else f" of at least {low:g}"
+        raise ModelFormatError(f"{where}: {key} must be a finite number{bound}, got {_short(value)}")
     return float(value)
 
 
@@ -49,7 +69,7 @@ def _activation(where, value):
     if isinstance(value, dict):  # a serialised activation object
         value = (value.get("config") or {}).get("name", value.get("class_name"))
     value = "linear" if value is None else value
-    if value not in ACTIVATIONS:
+    if not isinstance(value, str) or value not in ACTIVATIONS:
         raise UnsupportedLayerError(f"{where}: activation {value!r} is not supported "
                                     f"(supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[value]
@@ -112,14 +132,15 @@ def layer_attrs(where, kind, cfg):
         strides = _pair(where, "strides", cfg.get("strides", 1))
         if strides[0] != strides[1]:
             raise UnsupportedLayerError(f"{where}: unequal strides {strides} are not supported")
-        return dict(filters=int(cfg["filters"]), kernel=_pair(where, "kernel_size", cfg["kernel_size"]),
+        return dict(filters=_int(where, "filters", cfg.get("filters"), 1, limits.MAX_CHANNELS),
+                    kernel=_pair(where, "kernel_size", cfg.get("kernel_size")),
                     stride=strides[0], padding=_padding(where, cfg), use_bias=bool(cfg.get("use_bias", True)),
                     activation=_activation(where, cfg.get("activation")))
     if kind == "Dense":
-        return dict(units=int(cfg["units"]), use_bias=bool(cfg.get("use_bias", True)),
+        return dict(units=_int(where, "units", cfg.get("units"), 1, limits.MAX_CHANNELS), use_bias=bool(cfg.get("use_bias", True)),
                     activation=_activation(where, cfg.get("activation")))
     if kind == "BatchNormalization":
-        return dict(epsilon=float(cfg.get("epsilon", 1e-3)), center=bool(cfg.get("center", True)),
+        return dict(epsilon=_number(where, "epsilon", cfg.get("epsilon"), 1e-3, low=0.0), center=bool(cfg.get("center", True)),
                     scale=bool(cfg.get("scale", True)), axis=_last_axis(where, cfg.get("axis", -1)))
     if kind == "Rescaling":
         return dict(scale=_channel_values(where, "scale", cfg.get("scale", 1.0)),
@@ -153,48 +174,62 @@ def layer_attrs(where, kind, cfg):
     if kind == "ZeroPadding2D":
         _channels_last(where, cfg)
         pad = cfg.get("padding", 1)
-        if isinstance(pad, int):
+        if _is_int(pad):
             pad = ((pad, pad), (pad, pad))
-        elif all(isinstance(p, int) for p in pad):
-            pad = ((pad[0], pad[0]), (pad[1], pad[1]))
-        (top, bottom), (left, right) = (_pair(where, "padding", p) for p in pad)
+        elif isinstance(pad, (list, tuple)) and all(_is_int(p) for p in pad):
+            pad = [(p, p) for p in pad]
+        if not isinstance(pad, (list, tuple)) or len(pad) != 2:
+            raise ModelFormatError(f"{where}: padding must be an int, a pair, or two pairs of ints, got {_short(pad)}")
+        (top, bottom), (left, right) = (_pair(where, "padding", p, low=0) for p in pad)
         return dict(pads=(top, bottom, left, right))
     return {}
 
 
 # ---------------------------------------------------------------- connections
 
+def _reference(where, ref):
+    """A (layer, node, tensor) reference, checked."""
+    if (not isinstance(ref, (list, tuple)) or len(ref) < 3 or not isinstance(ref[0], str)
+            or not _is_int(ref[1]) or not _is_int(ref[2])):
+        raise ModelFormatError(f"{where}: {_short(ref)} is not a (layer, node, tensor) reference")
+    return tuple(ref[:3])
+
+
 def _inbound(where, nodes):
     """(layer, node, tensor) references that feed one call of a layer, from either inbound_nodes form."""
     if not nodes:
         return []
+    if not isinstance(nodes, list):
+        raise ModelFormatError(f"{where}: inbound_nodes must be a list, got {_short(nodes)}")
     if len(nodes) > 1:
         raise UnsupportedLayerError(f"{where} is called {len(nodes)} times (a shared layer); not supported")
-    found = []
-
-    def walk(item):
+    found, pending = [], [nodes[0].get("args", []) if isinstance(nodes[0], dict) else nodes[0]]
+    while pending:  # depth-first, in order
+        item = pending.pop()
         if isinstance(item, dict):
-            history = (item.get("config") or {}).get("keras_history")
+            history = (item.get("config") or {}).get("keras_history") if isinstance(item.get("config"), dict) else None
             if item.get("class_name") == "__keras_tensor__" and history:
                 found.append(history)
-                return
-            for value in item.values():
-                walk(value)
+            else:
+                pending.extend(reversed(list(item.values())))
         elif isinstance(item, list):
-            if len(item) >= 3 and isinstance(item[0], str) and isinstance(item[1], int):
+            if len(item) >= 3 and isinstance(item[0], str) and _is_int(item[1]):
                 found.append(item)  # Keras 2 form [layer, node, tensor, call kwargs such as training=False]
             else:
-                for value in item:
-                    walk(value)
-
-    node = nodes[0]
-    walk(node.get("args", []) if isinstance(node, dict) else node)
-    return [tuple(h[:3]) for h in found]
+                pending.extend(reversed(item))
+    return [_reference(where, h) for h in found]
 
 
-def _input_shape(cfg):
+def _input_shape(where, cfg):
     shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-    return None if shape is None else tuple(shape[1:])
+    if shape is None:
+        return None
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 8:
+        raise ModelFormatError(f"{where}: batch_shape must be a list, got {_short(shape)}")
+    for size in shape[1:]:
+        if size is not None:
+            _int(where, "batch_shape", size, 1, limits.MAX_CHANNELS)
+    return tuple(shape[1:])
 
 
 def _single(body, key, what, label):
@@ -202,11 +237,27 @@ def _single(body, key, what, label):
     refs = body.get(key)
     if isinstance(refs, list) and refs and isinstance(refs[0], str):  # one reference, unwrapped
         refs = [refs]
-    if not refs or not isinstance(refs[0], list) or len(refs[0]) < 3:
+    if not isinstance(refs, list) or not refs or not isinstance(refs[0], list) or len(refs[0]) < 3:
         raise ModelFormatError(f"{label} names no {what} layer")
     if len(refs) > 1:
         raise UnsupportedLayerError(f"{label} has {len(refs)} {what}s; fastres runs single-{what} models")
-    return tuple(refs[0][:3])
+    return _reference(f"{label}: {key}", refs[0])
+
+
+def _entry(entry, scope):
+    """(name, kind, config) of one layer entry, checked to be data of the right types."""
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{'model ' + repr('/'.join(scope)) if scope else 'the model'} lists a layer that is "
+                               f"{_short(entry)}, not an object")
+    cfg = entry.get("config", {})
+    cfg = {} if cfg is None else cfg
+    name = entry.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
+    kind = entry.get("class_name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ModelFormatError(f"a layer entry in {scope or 'the model'} has no valid name ({_short(name)})")
+    if not isinstance(kind, str) or not isinstance(cfg, dict):
+        raise ModelFormatError(f"{_where(name, scope)}: class_name must be text and config an object")
+    return name, ALIASES.get(kind, kind), cfg
 
 
 class _Parser:
@@ -227,21 +278,24 @@ class _Parser:
         entries = body.get("layers")
         label = f"model {'/'.join(scope)!r}" if scope else "the model"
         if kind not in MODEL_CLASSES or not isinstance(entries, list):
-            raise UnsupportedLayerError(f"model class {kind!r} is not supported (Sequential or Functional models)")
-        if kind != "Sequential":
-            _single(body, "input_layers", "input", label)
+            raise UnsupportedLayerError(f"model class {_short(kind)} is not supported (Sequential or Functional models)")
+        if len(scope) > limits.MAX_NESTED_MODELS:
+            raise ModelFormatError(f"{label} nests models more than {limits.MAX_NESTED_MODELS} deep")
+        if len(self.layers) + len(entries) > limits.MAX_LAYERS:
+            raise ModelFormatError(f"the model has more than {limits.MAX_LAYERS} layers")
+        model_input = None if kind == "Sequential" else _single(body, "input_layers", "input", label)[0]
         path = lambda name: "/".join((*scope, name))  # noqa: E731
         outputs = {}  # layer name -> graph name of its output
         previous = None
-        if kind == "Sequential" and not any(e.get("class_name") == "InputLayer" for e in entries):
-            first = (entries[0].get("config") or {}) if entries else {}
+        parsed = [_entry(e, scope) for e in entries]
+        if kind == "Sequential" and not any(k == "InputLayer" for _, k, _ in parsed):
+            first = parsed[0][2] if parsed else {}
             shape = body.get("build_input_shape") or first.get("batch_input_shape")
-            previous = self._input(path("input"), None if shape is None else tuple(shape[1:]), feed)
-        for entry in entries:
-            cfg = entry.get("config") or {}
-            name = entry.get("name") or cfg.get("name")
-            lkind = ALIASES.get(entry.get("class_name"), entry.get("class_name"))
+            previous = self._input(path("input"), _input_shape(label, {"batch_shape": shape}), feed)
+        for i, ((name, lkind, cfg), entry) in enumerate(zip(parsed, entries)):
             where = _where(name, scope, lkind)
+            if name in outputs:
+                raise ModelFormatError(f"{label} has two layers named {name!r}")
             if kind == "Sequential":
                 inputs = [] if lkind == "InputLayer" else [previous]
             else:
@@ -251,15 +305,26 @@ class _Parser:
                     raise UnsupportedLayerError(f"{where} has {len(inputs)} inputs; fastres runs single-input models")
                 outputs[name] = self.model(entry, (*scope, name), inputs[0])
             elif lkind == "InputLayer":
-                outputs[name] = self._input(path(name), _input_shape(cfg), feed)
+                if name != model_input if kind != "Sequential" else i != 0:
+                    raise ModelFormatError(f"{where} is not the input of {label}; a second input is not supported")
+                outputs[name] = self._input(path(name), _input_shape(where, cfg), feed)
             else:
                 _check_kind(_where(name, scope), lkind)
+                if not inputs:
+                    raise ModelFormatError(f"{where} has no inbound nodes: nothing feeds it")
+                if (len(inputs) < 2) if lkind == "Add" else (len(inputs) != 1):
+                    raise ModelFormatError(f"{where} has {len(inputs)} inputs; expected "
+                                           + ("two or more" if lkind == "Add" else "one"))
                 key = f"{scope[0]}/{name}" if scope else name  # see kerasfile: (outermost model, layer)
                 self.layers.append(Layer(path(name), lkind, inputs, layer_attrs(where, lkind, cfg), key=key))
                 outputs[name] = path(name)
             previous = outputs[name]
         if kind == "Sequential":
+            if previous is None:
+                raise ModelFormatError(f"{label} has no layers")
             return previous
+        if model_input not in outputs or not any(n == model_input and k == "InputLayer" for n, k, _ in parsed):
+            raise ModelFormatError(f"{label}'s input {model_input!r} is not one of its InputLayers")
         return _resolve(_single(body, "output_layers", "output", label), outputs, path, label)
 
     def _input(self, name, shape, feed):
@@ -275,7 +340,7 @@ def _check_kind(where, kind):
         raise UnsupportedLayerError(f"{where} is a Lambda layer: fastres never runs code from a model file, so "
                                     "Lambda layers are refused")
     if kind not in SUPPORTED:
-        raise UnsupportedLayerError(f"{where} has class {kind!r}, which fastres does not support (supported: "
+        raise UnsupportedLayerError(f"{where} has class {_short(kind)}, which fastres does not support (supported: "
                                     f"{', '.join(SUPPORTED)}, and nested Functional/Sequential models)")
 
 
@@ -297,7 +362,12 @@ def parse_config(config):
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelFormatError("the model config is not a Keras model config")
     parser = _Parser()
-    output = parser.model(config)
+    try:
+        output = parser.model(config)
+    except FastresError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a type nothing above expected
+        raise ModelFormatError(f"the model config is malformed ({type(exc).__name__}: {exc})") from None
     input_shape = parser.input_shape
     if input_shape is None or len(input_shape) != 3:
         raise UnsupportedLayerError(f"the model's input shape {input_shape} is not an image batch (N, H, W, C)")
@@ -307,24 +377,29 @@ def parse_config(config):
 
 
 def _ordered(layers, output):
-    """Topological order of the layers the output depends on; checks every reference."""
-    by_name = {layer.name: layer for layer in layers}
+    """Topological order of the layers the output depends on (walked without recursion); checks every reference."""
+    by_name = {}
+    for layer in layers:
+        if layer.name in by_name:
+            raise ModelFormatError(f"two layers are named {layer.name!r}")
+        by_name[layer.name] = layer
     if output not in by_name:
         raise ModelFormatError(f"the output layer {output!r} is not among the layers")
-    order, state = [], {}
-
-    def visit(name, child):
+    order, state = [], {}  # state: 1 while a layer's inputs are being visited, 2 once it is placed
+    stack = [(output, output, False)]
+    while stack:
+        name, child, inputs_done = stack.pop()
+        if inputs_done:
+            state[name] = 2
+            order.append(by_name[name])
+            continue
         if name not in by_name:
             raise ModelFormatError(f"layer {child!r} reads from {name!r}, which is not in the model")
         if state.get(name) == 1:
             raise ModelFormatError(f"the layer graph has a cycle through {name!r}")
         if state.get(name) == 2:
-            return
+            continue
         state[name] = 1
-        for parent in by_name[name].inputs:
-            visit(parent, name)
-        state[name] = 2
-        order.append(by_name[name])
-
-    visit(output, output)
+        stack.append((name, child, True))
+        stack.extend((parent, name, False) for parent in reversed(by_name[name].inputs))
     return order

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import limits
 from .errors import ModelFormatError
 
 # Layers that are the identity at inference (their randomness or penalty acts only in training).
@@ -111,9 +112,14 @@ def _expected_weights(layer, in_shape):
     return []
 
 
-def attach_weights(layers, weights, input_shape):
-    """Give each layer its arrays from ``weights`` (key -> list), checking count and shapes."""
+def attach_weights(layers, weights, input_shape, limit=None):
+    """Give each layer its arrays from ``weights`` (key -> list of ``kerasfile.StoredArray`` or arrays).
+
+    Every count and shape is checked against the config, and the total against ``limit``
+    bytes (default: ``limits.memory_limit()``), before any array is read.
+    """
     shapes = infer_shapes(layers, input_shape)
+    found, total = [], 0
     for layer in layers:
         in_shape = shapes[layer.inputs[0]] if layer.inputs else input_shape
         expected = _expected_weights(layer, in_shape)
@@ -126,11 +132,20 @@ def attach_weights(layers, weights, input_shape):
             raise ModelFormatError(f"{layer.where} has {len(arrays)} weights in the file, "
                                    f"expected {len(expected)} ({', '.join(n for n, _ in expected)})")
         for (wname, shape), array in zip(expected, arrays):
-            if array.shape != shape:
-                raise ModelFormatError(f"{layer.where}: {wname} has shape {array.shape}, expected {shape}")
+            if tuple(array.shape) != shape:
+                raise ModelFormatError(f"{layer.where}: {wname} has shape {tuple(array.shape)}, expected {shape}")
+            total += 4 * int(np.prod(shape, dtype=object))
+        found.append((layer, expected, arrays))
+    limit = limits.memory_limit() if limit is None else limit
+    if total > limit:
+        raise ModelFormatError(f"the weights need {limits.human(total)}, over the memory limit of {limits.human(limit)}")
+    for layer, expected, arrays in found:
+        layer.weights = [array.read() if hasattr(array, "read") else np.asarray(array, np.float32) for array in arrays]
+        for (wname, _), array in zip(expected, layer.weights):
             if not np.isfinite(array).all():
                 raise ModelFormatError(f"{layer.where}: {wname} holds NaN or infinity")
-        layer.weights = list(arrays)
+            if wname in ("moving_variance", "variance") and (array < 0).any():
+                raise ModelFormatError(f"{layer.where}: {wname} holds negative values")
     return shapes
 
 

@@ -1,11 +1,13 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
+import contextlib
 import math
 import threading
 import time
 
+import numba
 import numpy as np
 
-from . import architectures, kernels as K
+from . import architectures, kernels as K, limits
 from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
 from .graph import ACTIVATION_KINDS, attach_weights, infer_shapes
@@ -13,7 +15,7 @@ from .kerasfile import read_model_file
 from .rewrites import rewrite
 
 
-def load(path, architecture=None, threads=None, classifier_activation="softmax"):
+def load(path, architecture=None, threads=None, classifier_activation="softmax", memory_limit=None):
     """Load a Keras model file and return a Model that runs it with fastres's kernels.
 
     Parameters
@@ -23,14 +25,42 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax")
     architecture : "resnet50", "resnet101", "resnet152" or "resnet50v2", "resnet101v2", "resnet152v2",
         for a weights-only file only.
     threads : int, optional
-        Threads for the kernels (``fastres.set_num_threads``); default: all cores.
+        Threads this model's kernels use, in whatever thread calls ``predict``; default:
+        the count ``fastres.set_num_threads`` set (else all cores).
     classifier_activation : "softmax" or None
         For a weights-only file: the last layer's activation (None gives logits),
         as keras.applications' argument of the same name.
+    memory_limit : int or str, optional
+        Bytes (or a size such as ``"2G"``) the weights, and each plan's buffers, may take;
+        default: ``fastres.limits.memory_limit()`` (half the physical memory).
+
+    Raises
+    ------
+    ModelFormatError, UnsupportedLayerError
+        Naming the file, the layer and the problem, for any file that cannot be run.
     """
-    if threads is not None:
-        set_num_threads(threads)
-    data = read_model_file(path)
+    threads = _checked_threads(threads)
+    try:
+        limit = limits.resolve_limit(memory_limit)
+    except ValueError as exc:
+        raise FastresError(str(exc)) from None
+    try:
+        with read_model_file(path) as data:
+            layers, output, input_shape = _graph(path, data, architecture, classifier_activation, limit)
+            return Model(layers, output, input_shape, data.format, data.keras_version, str(path),
+                         threads=threads, memory_limit=limit)
+    except FastresError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from None
+    except ValueError as exc:  # a kernel refusing folded values, e.g. a batch-norm with variance + epsilon = 0
+        raise ModelFormatError(f"{path}: {exc}") from None
+    except (MemoryError, RecursionError) as exc:  # a bound this module missed: still the file's fault
+        raise ModelFormatError(f"{path}: the model needs more than this process has ({type(exc).__name__})") from None
+
+
+def _graph(path, data, architecture, classifier_activation, limit):
+    """The checked layer graph of a read file, its weights attached: (layers, output, input shape)."""
     if data.config is None:
         if architecture is None:
             raise ModelFormatError(f"{path} holds weights only; pass architecture= (one of "
@@ -45,31 +75,69 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax")
         layers, input_shape = parse_config(data.config)
         output = layers[-1].name
     try:
-        attach_weights(layers, data.weights, input_shape)
+        attach_weights(layers, data.weights, input_shape, limit)
     except ValueError as exc:
         raise ModelFormatError(f"the model does not fit its own input shape {input_shape}: {exc}") from None
-    return Model(layers, output, input_shape, data.format, data.keras_version, str(path))
+    return layers, output, input_shape
+
+
+_default_threads = None  # set_num_threads's count: models without their own use it in every thread
 
 
 def set_num_threads(n):
-    """Set the number of threads of the kernels (1 .. cores); raises FastresError otherwise."""
+    """Set the number of threads of the kernels (1 .. cores), for every thread that runs a model.
+
+    A model loaded with ``threads=`` keeps its own count.  Raises FastresError for a bad ``n``.
+    """
+    global _default_threads
     try:
         K.set_num_threads(n)
     except ValueError as exc:
         raise FastresError(str(exc)) from None
+    _default_threads = n
+
+
+def _checked_threads(n):
+    """``n`` (None stays None) if it is a thread count the kernels accept, else FastresError."""
+    cores = numba.config.NUMBA_NUM_THREADS
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cores):
+        raise FastresError(f"threads must be an int between 1 and {cores}, got {n!r}")
+    return n
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """Run the kernels in this thread on ``n`` threads (Numba's count is per calling thread)."""
+    if n is None or n == numba.get_num_threads():
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 class Model:
     """A loaded model.  ``predict`` is safe to call from several threads at once."""
 
-    def __init__(self, layers, output, input_shape, file_format, keras_version, path):
+    def __init__(self, layers, output, input_shape, file_format, keras_version, path, threads=None,
+                 memory_limit=None):
         self.layers = layers                       # as in the file (their weights are dropped once packed)
         self.file_format, self.keras_version, self.path = file_format, keras_version, path
+        self.threads = threads                     # None: fastres.set_num_threads's count, else all cores
+        self.memory_limit = limits.resolve_limit(memory_limit)
         self._input_shape = tuple(input_shape)
         self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
         self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
         self.file_params = sum(self._layer_params.values())
-        self._ops, self._output = rewrite(layers, output, input_shape)
+        self._ops, self._output = rewrite(layers, output, input_shape, take_weights=True)
+        if None not in self._input_shape:  # a fixed size: refuse now what no input could run
+            need = plan_bytes(self._ops, self._output, (1, *self._input_shape))
+            if need > self.memory_limit:
+                raise ModelFormatError(f"one image needs {limits.human(need)} of buffers, over the memory limit of "
+                                       f"{limits.human(self.memory_limit)}")
         self._params = {op.name: sum(w.size for w in op.weights) for op in self._ops}
         self._packed, self._bias = {}, {}
         for op in self._ops:
@@ -77,9 +145,8 @@ class Model:
                 kernel = op.weights[0]
                 self._packed[op.name] = K.pack_conv2d(kernel)
                 self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
-                op.weights = []  # only the packed copy stays in memory
-        for layer in layers:
-            layer.weights = []
+                op.weights = []  # only the packed copy stays in memory, released layer by layer
+                del kernel
         self._local = threading.local()
         self.last_kernels = {}  # after profile(): the kernel each convolution ran, by layer name
 
@@ -162,24 +229,31 @@ class Model:
         Returns a list of (name, seconds) in execution order, one entry per fused operation.
         """
         x = self._check_input(x)
-        self._run(x)  # plans and compiles
+        with self._threads():
+            self._run(x)  # plans and compiles
         plan = self._local.plans[x.shape]
         self.last_kernels = dict(plan.kernels)  # which kernel each convolution ran (profile shows it)
         samples = {name: [] for name in dict.fromkeys(plan.names)}
         for _ in range(max(1, runs)):
             plan.input[...] = x
             spent = dict.fromkeys(samples, 0.0)
-            for name, step in zip(plan.names, plan.steps):
-                start = time.perf_counter()
-                step()
-                spent[name] += time.perf_counter() - start
+            with self._threads():
+                for name, step in zip(plan.names, plan.steps):
+                    start = time.perf_counter()
+                    step()
+                    spent[name] += time.perf_counter() - start
             for name, seconds in spent.items():
                 samples[name].append(seconds)
         return [(name, float(np.median(times))) for name, times in samples.items()]
 
     # ------------------------------------------------------------------ predict
 
+    def _threads(self):
+        """The thread count of this model's kernels, set for the calling thread while it runs."""
+        return _threads(self.threads or _default_threads)
+
     def _check_input(self, x):
+        """``x`` as an array of a real dtype and the model's shape (not converted: ``predict`` converts per batch)."""
         if not isinstance(x, np.ndarray):
             try:
                 x = np.asarray(x)
@@ -193,22 +267,34 @@ class Model:
         for axis, (got, want) in enumerate(zip(x.shape[1:], self._input_shape), start=1):
             if want is not None and got != want:
                 raise InputError(f"x has shape {x.shape}; expected {expected} (axis {axis} is {got}, not {want})")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return x
 
     def predict(self, x, batch_size=None):
         """Run the model on ``x`` (N, H, W, C) and return its output (N, ...) as float32.
 
-        ``batch_size`` splits a large batch into runs of at most that many images.
+        ``batch_size`` splits a large batch into runs of at most that many images; each run's
+        slice of ``x`` is converted to float32 as it is copied into the plan's input buffer.
+
+        Raises
+        ------
+        InputError
+            For a wrong shape or dtype, or when one run's buffers would exceed the memory limit.
         """
         x = self._check_input(x)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         n = x.shape[0]
-        step = n if batch_size is None else batch_size
-        if n == 0:
-            return np.empty((0, *self._plan_shapes(x.shape)[self._output]), np.float32)
-        parts = [self._run(x[i:i + step]) for i in range(0, n, max(step, 1))]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        step = max(1, n if batch_size is None else min(batch_size, n))
+        out_shape = self._plan_shapes(x.shape)[self._output]
+        out_bytes = 4 * n * math.prod(out_shape)
+        if out_bytes > self.memory_limit:
+            raise InputError(f"the output for {n} images is {limits.human(out_bytes)}, over the memory limit of "
+                             f"{limits.human(self.memory_limit)}")
+        out = np.empty((n, *out_shape), np.float32)
+        with self._threads():
+            for i in range(0, n, step):
+                self._run(x[i:i + step], out[i:i + step])
+        return out
 
     def _plan_shapes(self, shape):
         try:
@@ -216,7 +302,7 @@ class Model:
         except ValueError as exc:
             raise InputError(f"x has shape {shape}, too small for this model: {exc}") from None
 
-    def _run(self, x):
+    def _run(self, x, out=None):
         plans = getattr(self._local, "plans", None)
         if plans is None:
             plans = self._local.plans = {}
@@ -224,8 +310,77 @@ class Model:
         if plan is None:
             if len(plans) >= 4:  # keep the memory of a few input shapes per thread
                 plans.pop(next(iter(plans)))
+            need = plan_bytes(self._ops, self._output, x.shape)
+            if need > self.memory_limit:
+                fit = self.memory_limit // max(1, plan_bytes(self._ops, self._output, (1, *x.shape[1:])))
+                raise InputError(f"a batch of {x.shape[0]} images of {x.shape[1]}x{x.shape[2]} needs "
+                                 f"{limits.human(need)} of buffers, over the memory limit of "
+                                 f"{limits.human(self.memory_limit)}"
+                                 + (f"; pass batch_size={fit} or less" if fit else ""))
             plan = plans[x.shape] = Plan(self, x.shape)
-        return plan.run(x)
+        return plan.run(x, out)
+
+
+def _layout(ops, output, shapes, n):
+    """Buffers of one forward pass: (slot of each value, size of each slot in floats).
+
+    A value's slot is reused once its last reader has run; a Flatten is a view of its input.
+    """
+    last_use = {}
+    for i, op in enumerate(ops):
+        for name in op.inputs + ([op.residual] if op.residual else []):
+            last_use[name] = i
+    last_use[output] = len(ops)
+    slots, free, slot_of, users = [], [], {}, {}
+    for i, op in enumerate(ops):
+        if op.kind == "Flatten":
+            slot = slot_of[op.inputs[0]]
+        else:
+            size = n * math.prod(shapes[op.name])
+            fits = [s for s in free if slots[s] >= size]
+            if fits:
+                slot = min(fits, key=lambda s: slots[s])
+                free.remove(slot)
+            else:
+                slot = len(slots)
+                slots.append(size)
+        slot_of[op.name] = slot
+        users.setdefault(slot, set()).add(op.name)
+        for name in [v for v in slot_of if last_use.get(v, -1) == i and v != output]:
+            users[slot_of[name]].discard(name)
+            if not users[slot_of[name]] and slot_of[name] not in free:
+                free.append(slot_of[name])
+    return slot_of, slots
+
+
+def _scratch_bytes(op, shapes, input_shape, n):
+    """An upper estimate of the scratch a Conv2D or Dense plan allocates: tile starts, padded input, Winograd blocks.
+
+    The Winograd kernel packing is a weight, made once per layer, and not counted here.
+    """
+    if op.kind not in ("Conv2D", "Dense"):
+        return 0
+    x = shapes[op.inputs[0]] if op.inputs else input_shape
+    out = shapes[op.name]
+    total = 8 * (n * math.prod(out[:-1]) + 64)  # the tile starts, int64
+    if op.kind == "Conv2D":
+        (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]
+        winograd = (kh, kw) == (3, 3) and op.attrs["stride"] == 1
+        if any(op.pads) or winograd or op.attrs["padding"] == "same" and (kh, kw) != (1, 1):
+            rows, cols = x[0] + sum(op.pads[:2]) + kh + 6, x[1] + sum(op.pads[2:]) + kw + 6  # "same", whole blocks
+            total += 4 * n * rows * cols * cin
+        if winograd:
+            total += 4 * 36 * -(-out[0] // 4) * -(-out[1] // 4) * (cin + cout) * min(n, 8)
+    return total
+
+
+def plan_bytes(ops, output, shape):
+    """Bytes a plan for input ``shape`` (N, H, W, C) allocates: its buffers, convolution scratch and output copy."""
+    shapes = infer_shapes(ops, shape[1:])
+    n = shape[0]
+    _, slots = _layout(ops, output, shapes, n)
+    scratch = sum(_scratch_bytes(op, shapes, shape[1:], n) for op in ops)
+    return 4 * (sum(slots) + n * math.prod(shapes[output])) + scratch
 
 
 class Plan:
@@ -235,58 +390,31 @@ class Plan:
         ops, output = model._ops, model._output
         shapes = model._plan_shapes(shape)
         n = shape[0]
-        last_use = {}
-        for i, op in enumerate(ops):
-            for name in op.inputs + ([op.residual] if op.residual else []):
-                last_use[name] = i
-        last_use[output] = len(ops)
-        free, values, self.steps, self.names, self.kernels = [], {}, [], [], {}
-        storage_of, users = {}, {}
-
-        def allocate(name, alias=None):
-            size = int(np.prod((n, *shapes[name])))
-            if alias is not None:
-                store = storage_of[alias]
-            else:
-                fits = [i for i, s in enumerate(free) if s.size >= size]
-                if fits:
-                    store = free.pop(min(fits, key=lambda i: free[i].size))
-                else:
-                    store = K.aligned_empty(size)  # 64-byte aligned: whole-line vector stores
-            storage_of[name] = store
-            users.setdefault(id(store), set()).add(name)
-            values[name] = store[:size].reshape((n, *shapes[name]))
-            return values[name]
-
-        def release(i):
-            for name in list(values):
-                if last_use.get(name, -1) == i and name != output:
-                    store = storage_of[name]
-                    users[id(store)].discard(name)
-                    if not users[id(store)]:
-                        free.append(store)
-
-        for i, op in enumerate(ops):
+        slot_of, slots = _layout(ops, output, shapes, n)
+        stores = [K.aligned_empty(size) for size in slots]  # 64-byte aligned: whole-line vector stores
+        values = {name: stores[slot][:n * math.prod(shapes[name])].reshape((n, *shapes[name]))
+                  for name, slot in slot_of.items()}
+        self.steps, self.names, self.kernels = [], [], {}
+        for op in ops:
             if op.kind == "InputLayer":
-                self.input = allocate(op.name)
-                continue
-            ins = [values[name] for name in op.inputs]
-            if op.kind == "Flatten":  # a view of its input's buffer
-                allocate(op.name, alias=op.inputs[0])
-            else:
-                out = allocate(op.name)
-                steps = _steps(model, op, ins, out, values.get(op.residual))
+                self.input = values[op.name]
+            elif op.kind != "Flatten":  # a Flatten is a view of its input's buffer
+                ins = [values[name] for name in op.inputs]
+                steps = _steps(model, op, ins, values[op.name], values.get(op.residual))
                 self.kernels.update({op.name: step.kernel for step in steps if hasattr(step, "kernel")})
                 self.steps.extend(steps)
                 self.names.extend([op.name] * len(steps))
-            release(i)
         self.output = values[output]
 
-    def run(self, x):
+    def run(self, x, out=None):
+        """Copy ``x`` (converted to float32) into the input buffer, run every step, return the output (a copy)."""
         self.input[...] = x
         for step in self.steps:
             step()
-        return self.output.copy()
+        if out is None:
+            return self.output.copy()
+        out[...] = self.output
+        return out
 
 
 def _activation_step(act, out, inp):

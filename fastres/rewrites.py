@@ -26,9 +26,12 @@ from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, batch_
 class Graph:
     """The layers being rewritten, the output's name, and the names of removed layers' stand-ins."""
 
-    def __init__(self, layers, output, input_shape):
+    def __init__(self, layers, output, input_shape, take_weights=False):
         self.layers = [Layer(l.name, l.kind, list(l.inputs), dict(l.attrs), list(l.weights), l.activation,
                              l.residual, l.pads, list(l.folded), l.key) for l in layers]
+        if take_weights:  # the graph holds the only reference: a folded array replaces its source
+            for layer in layers:
+                layer.weights = []
         self.output = output
         self.shapes = infer_shapes(self.layers, input_shape)
         self.renamed = {}
@@ -118,7 +121,8 @@ def fold_padding(g):
 
 
 def _kernel_and_bias(layer):
-    kernel = layer.weights[0].astype(np.float64)
+    """The float32 kernel (not copied) and the bias as float64 (zeros without one)."""
+    kernel = layer.weights[0]
     bias = layer.weights[1].astype(np.float64) if len(layer.weights) > 1 else np.zeros(kernel.shape[-1])
     return kernel, bias
 
@@ -135,9 +139,11 @@ def fold_into_producer(g):
             first, second = producer.weights
             producer.weights = [first * scale, second * scale + shift]
         else:
+            # float32 * float32 rounds once, as the float64 product rounded to float32 would: the
+            # same kernel without a float64 copy of it
             kernel, bias = _kernel_and_bias(producer)
-            producer.weights = [kernel * scale, bias * scale + shift]
-        producer.weights = [w.astype(np.float32) for w in producer.weights]
+            producer.weights = [kernel * layer.weights[0], bias * scale + shift]
+        producer.weights = [w.astype(np.float32, copy=False) for w in producer.weights]
         g.remove(layer, into=producer)
 
 
@@ -159,9 +165,10 @@ def fold_into_consumer(g):
         kernel, bias = _kernel_and_bias(reader)
         # conv(x * s + t) = conv_{w * s}(x) + sum over the window and input channels of w * t
         input_axis = kernel.ndim - 2
-        bias = bias + np.tensordot(kernel, shift, axes=([input_axis], [0])).reshape(-1, kernel.shape[-1]).sum(axis=0)
-        kernel = kernel * scale.reshape((-1, 1))
-        reader.weights = [kernel.astype(np.float32), bias.astype(np.float32)]
+        if shift.any():
+            bias = bias + np.tensordot(kernel, shift, axes=([input_axis], [0])).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        kernel = kernel * layer.weights[0].reshape((-1, 1))  # float32, rounded once (see fold_into_producer)
+        reader.weights = [kernel, bias.astype(np.float32)]
         g.remove(layer, into=reader)
         reader.folded.insert(0, reader.folded.pop())  # it ran before the reader
 
@@ -199,9 +206,13 @@ PASSES = (drop_identities, to_scale_shift, fold_padding, fold_into_producer, fol
           fuse_activation)
 
 
-def rewrite(layers, output, input_shape, passes=PASSES):
-    """Run ``passes`` over a copy of the layers; returns the new layers (topologically ordered) and output."""
-    g = Graph(layers, output, input_shape)
+def rewrite(layers, output, input_shape, passes=PASSES, take_weights=False):
+    """Run ``passes`` over a copy of the layers; returns the new layers (topologically ordered) and output.
+
+    ``take_weights`` empties the given layers' weight lists, so that each array the passes
+    replace is released at once (one copy of the weights, not two).
+    """
+    g = Graph(layers, output, input_shape, take_weights)
     for step in passes:
         step(g)
     return g.layers, g.output

@@ -50,7 +50,6 @@ class PackedConv2D:
 
     def __init__(self, weights, panels, im2col):
         self.shape = weights.shape
-        self.weights = weights if weights.shape[:2] == (3, 3) else None  # kept for the Winograd packing
         self.panels = panels
         self.im2col = im2col    # True: the input is gathered with im2col and run as a 1x1
         self._winograd = None
@@ -67,6 +66,12 @@ class PackedConv2D:
     def out_channels(self):
         return self.shape[3]
 
+    def unpacked(self):
+        """The (KH, KW, Cin, Cout) kernel, read back from the panels (no second copy is kept)."""
+        kh, kw, cin, cout = self.shape
+        rows = self.panels[0].transpose(1, 0, 2).reshape(kh * kw * cin, -1)
+        return rows[:, :cout].reshape(kh, kw, cin, cout)
+
     def drop_winograd(self):
         """Release the Winograd packing (plans that use it keep their own reference)."""
         self._winograd = None
@@ -74,7 +79,7 @@ class PackedConv2D:
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
         if self._winograd is None:
-            self._winograd = _pack(transform_kernel(self.weights))  # from (36, Cin, Cout)
+            self._winograd = _pack(transform_kernel(self.unpacked()))  # from (36, Cin, Cout)
         return self._winograd
 
 

@@ -244,3 +244,10 @@ def test_activation_matches_naive(kind, options, rng):
     inplace = x.copy()
     assert K.activation(inplace, kind, out=inplace, **options) is inplace
     assert_close(inplace, expected)
+
+
+def test_packing_keeps_one_copy_and_reads_it_back(rng):
+    w = rng.standard_normal((3, 3, 20, 70), dtype=np.float32)
+    packed = K.pack_conv2d(w)
+    assert not hasattr(packed, "weights")   # the Winograd packing is made from the panels
+    np.testing.assert_array_equal(packed.unpacked(), w)

@@ -103,7 +103,10 @@ def test_dask_2x1(benchmark, client, model_path, paths, reference):
 # ---------------------------------------------------------------- the parts of docs/scaling.md's table
 
 def test_cost_decode(benchmark, paths):
+    import os
+
     benchmark.group = "per-batch costs (16 images)"
+    benchmark.extra_info["jpeg_bytes_per_image"] = sum(os.path.getsize(p) for p in paths) / len(paths)
     images = benchmark(lambda: [fi.read_image(p, (SIZE, SIZE)) for p in paths[:BATCH]])
     assert all(error is None and image.shape == (SIZE, SIZE, 3) for image, error in images)
 

@@ -157,9 +157,11 @@ def test_cli_workers_and_scheduler_match_in_process(env, client, model_path, ima
     assert in_process.returncode == 1, in_process.stderr  # broken.jpg and missing.jpg
     rows = [json.loads(line) for line in in_process.stdout.splitlines()]
     assert len(rows) == len(image_paths) - 2
+    dash_m = subprocess.run([sys.executable, "-m", "fastres", "predict", *common, "--json", "--workers", "1"],
+                            capture_output=True, text=True, env=env, timeout=900)  # python -m: worker processes are spawned
     for other in (run(env, "predict", *common, "--json", "--readers", "0"),
                   run(env, "predict", *common, "--json", "--workers", "2"),
-                  run(env, "predict", *common, "--json", "--scheduler", client.scheduler.address)):
+                  run(env, "predict", *common, "--json", "--scheduler", client.scheduler.address), dash_m):
         assert (other.returncode, other.stdout) == (1, in_process.stdout), other.stderr
         assert [l for l in other.stderr.splitlines() if "cannot read" in l] == \
                [l for l in in_process.stderr.splitlines() if "cannot read" in l]

@@ -238,7 +238,7 @@ def _predict(args):
         bar.update()
         if "error" in record:
             failures += 1
-            print(f"fastres: cannot read {record['image']}: {record['error']}", file=sys.stderr)
+            bar.write(f"fastres: cannot read {record['image']}: {record['error']}", file=sys.stderr)
             continue
         found = [{"class": t["class"], "label": labels[t["class"]] if labels else str(t["class"]),
                   "probability": t["probability"]} for t in record["top"]]

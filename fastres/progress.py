@@ -6,6 +6,9 @@ class _Silent:
     def update(self, count=1):
         pass
 
+    def write(self, line, file=None):
+        print(line, file=file or sys.stderr)
+
     def close(self):
         pass
 
@@ -26,7 +29,8 @@ def progress_bar(total, label, enabled=True):
     -------
     tqdm.tqdm or a silent stand-in
         tqdm (``pip install tqdm``; the ``images``, ``dask`` and ``bench`` extras bring it) when it is
-        installed and stderr is a terminal; otherwise an object whose methods do nothing.
+        installed and stderr is a terminal; otherwise an object whose ``update`` and ``close`` do nothing.
+        ``write(line, file=None)`` prints a line (on stderr by default) without breaking the bar.
     """
     if enabled and sys.stderr.isatty():
         try:

@@ -232,11 +232,14 @@ def iter_predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=
             pending = deque()
             while batches or pending:
                 while batches and len(pending) < window:
-                    pending.append(c.submit(_classify_paths, batches.popleft(), model_path, architecture,
-                                            preprocess, top, input_size, threads, slots))
-                records = pending.popleft().result()
+                    batch = batches.popleft()  # the workers get absolute paths; the records keep the given ones
+                    pending.append((batch, c.submit(_classify_paths, [os.path.abspath(p) for p in batch], model_path,
+                                                    architecture, preprocess, top, input_size, threads, slots)))
+                batch, future = pending.popleft()
+                records = future.result()
                 bar.update(len(records))
-                yield from records
+                for record, given in zip(records, batch):
+                    yield {**record, "image": given}
     finally:
         bar.close()
 

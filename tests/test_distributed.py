@@ -110,6 +110,15 @@ def test_predict_files_glob_and_scheduler_address(client, model_path, image_path
     assert all("top" in r and r == by_path[r["image"]] for r in records)
 
 
+def test_predict_files_relative_paths(client, model_path, image_paths, reference, monkeypatch):
+    """Paths relative to the caller's directory (the workers' is another) come back as given."""
+    folder = os.path.dirname(image_paths[0])
+    monkeypatch.chdir(folder)
+    relative = [os.path.basename(p) for p in image_paths]
+    records = fd.predict_files(model_path, relative, preprocess="tf", top=3, batch_size=4, client=client)
+    assert records == [{**r, "image": os.path.basename(r["image"])} for r in reference]
+
+
 def test_task_threads_share_the_cores(client):
     """2 workers x 1 task thread on one machine: each task's kernels get half the cores (at least 1)."""
     slots = fd._host_slots(client)

@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import fastres  # noqa: E402
-from fastres.cli import _peer  # noqa: E402
+from fastres.peers import peer_forward  # noqa: E402
 from fastres.default_model import default_model_path  # noqa: E402
 
 CONFIGS = [(224, 1), (224, 8), (64, 1)]
@@ -33,7 +33,7 @@ def forward_for(engine, size):
             _forward_cache[key] = fastres.load(path).predict
         else:
             try:
-                _forward_cache[key] = _peer(engine, path, None)
+                _forward_cache[key] = peer_forward(engine, path)
             except ImportError as exc:
                 _forward_cache[key] = f"{engine} is not installed ({exc.name})"
     return _forward_cache[key]

@@ -14,8 +14,9 @@ import numpy as np
 
 from . import __version__
 from .errors import FastresError
-
-PEERS = ("tensorflow", "onnxruntime", "openvino")
+from .images import PREPROCESS_MODES, classify, expand, image_shape
+from .peers import PEERS
+from .progress import progress_bar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,10 +68,13 @@ def _build_parser():
     bench.set_defaults(run=_bench)
 
     predict = sub.add_parser("predict", help="classify images",
-                             description="Classify images (files, directories or glob patterns) and print the top classes.")
+                             description="Classify images (files, directories or glob patterns) and print the top classes, "
+                                         "in the order given: in this process (decoding ahead of the engine in "
+                                         "--readers threads), on a local Dask cluster (--workers) or on a running one "
+                                         "(--scheduler).")
     predict.add_argument("model", help="a Keras .h5/.keras file")
     predict.add_argument("images", nargs="+", help="image files, directories or glob patterns")
-    predict.add_argument("--preprocess", choices=("caffe", "tf", "torch", "unit", "none"), default="caffe",
+    predict.add_argument("--preprocess", choices=PREPROCESS_MODES, default="caffe",
                          help="keras.applications preprocessing: caffe (RGB->BGR, ImageNet mean; ResNet50's), "
                               "tf ([-1, 1]), torch (ImageNet mean/std), unit ([0, 1]), none (raw 0..255); default caffe")
     predict.add_argument("--top", type=_positive, default=5, help="classes to show per image (default 5)")
@@ -78,7 +82,14 @@ def _build_parser():
     predict.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--input-size", type=_positive, default=None, help="resize to this size when the model's is free (default 224)")
     predict.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
-    predict.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
+    predict.add_argument("--threads", type=_positive, default=None,
+                         help="kernel threads (default: all cores; on Dask, each task's share of its machine's cores)")
+    predict.add_argument("--readers", type=_nonnegative, default=2,
+                         help="threads decoding images ahead of the engine, in-process (default 2; 0: in line)")
+    where = predict.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="run on the Dask cluster at ADDRESS (needs fastres[dask])")
+    where.add_argument("--workers", type=_positive, metavar="N",
+                       help="run on a local Dask cluster of N single-threaded worker processes (needs fastres[dask])")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.set_defaults(run=_predict)
 
@@ -138,38 +149,13 @@ def _model_and_input(args):
 
     path = args.model or str(default_model_path(args.input_size or 224))
     model = _load(path, args.architecture, getattr(args, "threads", None))
-    declared = model.input_shape[1:]
-    if args.input_size and None not in declared[:2] and declared[:2] != (args.input_size,) * 2:
-        raise FastresError(f"{path} takes {declared[0]}x{declared[1]} images; --input-size {args.input_size} does not fit")
-    size = args.input_size or 224
-    shape = tuple(size if d is None else d for d in declared)
-    return path, model, shape
+    return path, model, image_shape(model, args.input_size)
 
 
 def _table(headers, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
-
-    def __init__(self, total, label, enabled=True):
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def step(self, count=1):
-        self.done += count
-        if self.enabled:
-            filled = int(30 * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label:14s} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 70 + "\r")
-            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------- info and profile
@@ -232,56 +218,6 @@ def _profile(args):
 
 # ---------------------------------------------------------------- predict
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
-TORCH_MEAN, TORCH_STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def _expand(patterns):
-    """Yield image paths from files, directories (sorted, not recursive) and glob patterns."""
-    import glob
-
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            for name in sorted(os.listdir(pattern)):
-                if name.lower().endswith(IMAGE_SUFFIXES):
-                    yield os.path.join(pattern, name)
-        elif any(ch in pattern for ch in "*?[") and not os.path.exists(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                yield (pattern, "no file matches this pattern")
-            yield from matches
-        else:
-            yield pattern
-
-
-def preprocess(images, mode):
-    """keras.applications preprocessing of RGB images (N, H, W, 3) in 0..255."""
-    x = images.astype(np.float32)
-    if mode == "caffe":
-        return x[..., ::-1] - CAFFE_MEAN_BGR
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        return (x / 255.0 - TORCH_MEAN) / TORCH_STD
-    if mode == "unit":
-        return x / 255.0
-    return x
-
-
-def _read_image(path, size):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8), None
-    except FileNotFoundError:
-        return None, "no such file"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return None, f"not a readable image ({exc.__class__.__name__}: {exc})"
-
-
 def _predict(args):
     try:
         import PIL  # noqa: F401
@@ -290,56 +226,49 @@ def _predict(args):
     path, model, shape = _model_and_input(args)
     if shape[2] != 3:
         raise FastresError(f"{path} takes {shape[2]}-channel input; predict reads RGB images")
-    labels = None
-    if args.labels:
+    labels = _labels(args.labels, model.output_shape[-1])
+    paths = list(expand(args.images))
+    if args.scheduler or args.workers:
         try:
-            with open(args.labels, encoding="utf8") as fh:
-                labels = [line.rstrip("\n") for line in fh]
-        except OSError as exc:
-            raise FastresError(f"cannot read labels {args.labels}: {exc.strerror}") from None
-        classes = model.output_shape[-1]
-        if len(labels) != classes:
-            raise FastresError(f"{args.labels} has {len(labels)} lines but the model has {classes} classes")
-    failures = done = 0
-    batch_paths, batch_images = [], []
-
-    def flush():
-        nonlocal done
-        if not batch_paths:
-            return
-        scores = model.predict(preprocess(np.stack(batch_images), args.preprocess))
-        if not model.output_is_probability:
-            scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-            scores /= scores.sum(axis=1, keepdims=True)
-        for image_path, row in zip(batch_paths, scores):
-            top = np.argsort(-row, kind="stable")[: args.top]
-            found = [{"class": int(i), "label": labels[i] if labels else str(i), "probability": float(row[i])} for i in top]
-            if args.json:
-                print(json.dumps({"image": image_path, "top": found}))
-            else:
-                print(f"{image_path}: " + ", ".join(f"{f['label']} ({f['probability']:.3f})" for f in found))
-        done += len(batch_paths)
-        batch_paths.clear()
-        batch_images.clear()
-
-    for item in _expand(args.images):
-        if isinstance(item, tuple):
-            image, error = None, item[1]
-            item = item[0]
-        else:
-            image, error = _read_image(item, shape[:2])
-        if error:
+            from .distributed import iter_predict_files
+        except ImportError as exc:
+            raise FastresError(str(exc)) from None
+        records = iter_predict_files(path, paths, args.preprocess, args.top, args.batch_size, args.input_size,
+                                     args.architecture, args.threads, client=args.scheduler, workers=args.workers)
+    else:
+        records = classify(model, paths, args.preprocess, args.top, args.batch_size, args.input_size, args.readers)
+    bar = progress_bar(len(paths), "predict", enabled=not sys.stdout.isatty())  # a terminal shows the lines
+    failures = 0
+    for record in records:
+        bar.update()
+        if "error" in record:
             failures += 1
-            print(f"fastres: cannot read {item}: {error}", file=sys.stderr)
+            bar.write(f"fastres: cannot read {record['image']}: {record['error']}", file=sys.stderr)
             continue
-        batch_paths.append(item)
-        batch_images.append(image)
-        if len(batch_paths) >= args.batch_size:
-            flush()
-    flush()
-    if not done and not failures:
+        found = [{"class": t["class"], "label": labels[t["class"]] if labels else str(t["class"]),
+                  "probability": t["probability"]} for t in record["top"]]
+        if args.json:
+            print(json.dumps({"image": record["image"], "top": found}))
+        else:
+            print(f"{record['image']}: " + ", ".join(f"{f['label']} ({f['probability']:.3f})" for f in found))
+    bar.close()
+    if not paths:
         raise FastresError("no images found")
     return 1 if failures else 0
+
+
+def _labels(filename, classes):
+    """Class names from ``filename`` (one per line, ``classes`` of them), or None."""
+    if not filename:
+        return None
+    try:
+        with open(filename, encoding="utf8") as fh:
+            labels = [line.rstrip("\n") for line in fh]
+    except OSError as exc:
+        raise FastresError(f"cannot read labels {filename}: {exc.strerror}") from None
+    if len(labels) != classes:
+        raise FastresError(f"{filename} has {len(labels)} lines but the model has {classes} classes")
+    return labels
 
 
 # ---------------------------------------------------------------- bench
@@ -374,63 +303,18 @@ def _startup(path, shape, threads, cold):
 
 
 def _time(label, forward, x, runs, warmup, progress):
-    bar = _Progress(runs + warmup, label, progress)
+    bar = progress_bar(runs + warmup, label, progress)
     for _ in range(warmup):
         forward(x)
-        bar.step()
+        bar.update()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         out = forward(x)
         times.append(time.perf_counter() - start)
-        bar.step()
+        bar.update()
     bar.close()
     return np.asarray(out, np.float32), times
-
-
-def _peer(name, path, threads):
-    """A forward function for a peer engine on the same .h5 file, or raise ImportError."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # every peer starts from the Keras file through TensorFlow
-
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    try:
-        import tf_keras as keras_module
-    except ImportError:
-        import keras as keras_module
-    model = keras_module.models.load_model(path, compile=False)
-    if name == "tensorflow":
-        forward = tf.function(lambda t: model(t, training=False))
-        return lambda x: forward(tf.constant(x)).numpy()
-    import tf2onnx
-
-    spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="input"),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
-    if name == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {input_name: x})[0]
-    import tempfile
-
-    import openvino as ov
-
-    core = ov.Core()
-    with tempfile.TemporaryDirectory() as folder:
-        onnx_path = os.path.join(folder, "model.onnx")
-        with open(onnx_path, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like the others (it would pick bf16 here)
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        compiled = core.compile_model(core.read_model(onnx_path), "CPU", config)
-    return lambda x: compiled(x)[0]
 
 
 def _bench(args):
@@ -445,13 +329,15 @@ def _bench(args):
 
     threads = args.threads or get_num_threads()
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
+    from .peers import peer_forward
+
     say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads")
     reference, times = _time("fastres", model.predict, x, args.runs, args.warmup, not quiet)
     results = {"fastres": {"status": "ok", "times": times}}
     for name in peers:
         try:
             say(f"preparing {name} ...")
-            forward = _peer(name, path, threads)
+            forward = peer_forward(name, path, threads)
         except ImportError as exc:
             results[name] = {"status": f"not installed ({exc.name or exc})"}
             continue

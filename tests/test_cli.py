@@ -161,7 +161,7 @@ def test_predict_matches_the_engine(env, default_model, images):
     from PIL import Image
 
     import fastres
-    from fastres.cli import preprocess
+    from fastres.images import preprocess
 
     result = run(env, "predict", default_model, images / "img0.png", "--top", "1", "--json")
     top = json.loads(result.stdout)["top"][0]

@@ -204,18 +204,25 @@ def test_nested_weights_missing_h5(nested_files, saved, version):
         fastres.load(path)
 
 
-def test_nested_weights_missing_keras(nested_files, saved):
-    path = saved / "nested_missing.keras"
-    with zipfile.ZipFile(nested_files["keras3", ".keras"]) as src, zipfile.ZipFile(path, "w") as dst:
+def _edit_keras_member(source, path, member, edit):
+    """Copy the .keras zip ``source`` to ``path`` with ``member``'s bytes replaced by ``edit(bytes)``."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
         for item in src.namelist():
             data = src.read(item)
-            if item == "model.weights.h5":
-                folder = saved / "weights_edit.h5"
-                folder.write_bytes(data)
-                with h5py.File(folder, "r+") as f:
-                    del f["layers/functional/layers/functional/layers/conv2d/vars"]
-                data = folder.read_bytes()
-            dst.writestr(item, data)
+            dst.writestr(item, edit(data) if item == member else data)
+
+
+def test_nested_weights_missing_keras(nested_files, saved):
+    path = saved / "nested_missing.keras"
+
+    def drop_conv_weights(data):
+        weights = saved / "weights_edit.h5"
+        weights.write_bytes(data)
+        with h5py.File(weights, "r+") as f:
+            del f["layers/functional/layers/functional/layers/conv2d/vars"]
+        return weights.read_bytes()
+
+    _edit_keras_member(nested_files["keras3", ".keras"], path, "model.weights.h5", drop_conv_weights)
     with pytest.raises(fastres.ModelFormatError, match=r"layer 'c1' \(Conv2D\) in model 'mid/inner' has no weights"):
         fastres.load(path)
 
@@ -235,15 +242,14 @@ def test_shared_or_multi_output_nested_model(saved, version, problem, error, mes
 
 def test_unknown_layer_inside_nested_model(nested_files, saved):
     path = saved / "nested_unknown.keras"
-    with zipfile.ZipFile(nested_files["keras3", ".keras"]) as src, zipfile.ZipFile(path, "w") as dst:
-        for item in src.namelist():
-            data = src.read(item)
-            if item == "config.json":
-                config = json.loads(data)
-                mid = next(e for e in config["config"]["layers"] if e["name"] == "mid")
-                inner = next(e for e in mid["config"]["layers"] if e["name"] == "inner")
-                next(e for e in inner["config"]["layers"] if e["name"] == "c1")["class_name"] = "Conv3D"
-                data = json.dumps(config).encode()
-            dst.writestr(item, data)
+
+    def make_c1_conv3d(data):
+        config = json.loads(data)
+        mid = next(e for e in config["config"]["layers"] if e["name"] == "mid")
+        inner = next(e for e in mid["config"]["layers"] if e["name"] == "inner")
+        next(e for e in inner["config"]["layers"] if e["name"] == "c1")["class_name"] = "Conv3D"
+        return json.dumps(config).encode()
+
+    _edit_keras_member(nested_files["keras3", ".keras"], path, "config.json", make_c1_conv3d)
     with pytest.raises(fastres.UnsupportedLayerError, match="layer 'c1' in model 'mid/inner' has class 'Conv3D'"):
         fastres.load(path)

@@ -221,44 +221,40 @@ be negative.
 """
 
 
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to bring ``array.reshape(-1)[index]``'s cache line into L1 (a hint; never faults).
+def _line_intrinsic(name, extra_args, doc):
+    """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.
 
-    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked,
-    which is harmless for a prefetch.  LLVM emits ``prefetcht0``.
+    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (both
+    users are cache hints that never fault).  ``extra_args`` follow the address, as i32 constants; with
+    ``name`` None the call compiles to nothing.
     """
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
 
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-        hint = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(hint, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
-        return context.get_dummy_value()
+    def line_op(typingctx, array, index):
+        if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+            return None
 
-    return types.void(array, index), codegen
+        def codegen(context, builder, signature, args):
+            if name is not None:
+                data = context.make_array(signature.args[0])(context, builder, args[0]).data
+                address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+                i32 = ir.IntType(32)
+                fnty = ir.FunctionType(ir.VoidType(), [address.type] + [i32] * len(extra_args))
+                hint = cgutils.get_or_insert_function(builder.module, fnty, name)
+                builder.call(hint, [address] + [i32(a) for a in extra_args])
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    line_op.__doc__ = doc
+    return intrinsic(line_op)
 
 
-@intrinsic
-def evict_line(typingctx, array, index):
-    """Write back and drop ``array.reshape(-1)[index]``'s cache line from every cache level (x86 ``clflush``).
+prefetch = _line_intrinsic("llvm.prefetch.p0", (0, 3, 1), """Bring ``array.reshape(-1)[index]``'s cache line into L1.
 
-    For measuring a kernel as a forward pass meets it, with its weights in memory rather than in
-    cache.  ``array`` must be C-contiguous; the address is not bounds-checked.
-    """
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
+A hint that never faults (read, keep in every level, data: ``prefetcht0``).
+""")
+evict_line = _line_intrinsic("llvm.x86.sse2.clflush" if X86 else None, (), """Write back and drop
+``array.reshape(-1)[index]``'s cache line from every cache level (x86 ``clflush``; elsewhere nothing).
 
-    def codegen(context, builder, signature, args):
-        if X86:  # elsewhere a no-op: the timing then sees the weights in cache
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-            fnty = ir.FunctionType(ir.VoidType(), [address.type])
-            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.clflush"), [address])
-        return context.get_dummy_value()
-
-    return types.void(array, index), codegen
+For timing a kernel as a forward pass meets it, with its weights in memory rather than in cache.
+""")

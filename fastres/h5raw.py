@@ -44,7 +44,7 @@ def _messages(read, addr):
             else:  # version 2: type, size (2), flags, [creation order (2)]
                 if len(chunk) - at < 4 + 4:  # the gap before the checksum
                     break
-                kind, length, mflags = chunk[at], struct.unpack_from("<H", chunk, at + 1)[0], chunk[at + 3]
+                kind, length = chunk[at], struct.unpack_from("<H", chunk, at + 1)[0]  # then the message flags
                 at += 4 + (2 if flags & 0x04 else 0)
             data = chunk[at: at + length]
             at += length

@@ -49,6 +49,17 @@ from numba.extending import intrinsic
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"
 
+_BF16_PROBE = """
+define void @probe(ptr %acc, ptr %a) "min-legal-vector-width"="512" {
+  %c = load <16 x float>, ptr %acc
+  %x = load <32 x bfloat>, ptr %a
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c, <32 x bfloat> %x, <32 x bfloat> %x)
+  store <16 x float> %r, ptr %acc
+  ret void
+}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
+
 _PROBE = """
 define void @probe(ptr %a, ptr %b) "min-legal-vector-width"="512" {
   %x = load <16 x float>, ptr %a
@@ -64,15 +75,20 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 """
 
 
-def _probe_isa(cpu_name, features):
-    """Compile ``_PROBE`` for the target and read the ISA off the assembly ("generic" if it cannot say)."""
+def _assembly(probe, cpu_name, features):
+    """``probe`` (LLVM IR) compiled for the target, as assembly text; "" if this LLVM cannot build it."""
     try:
         ll.initialize_native_target()
         ll.initialize_native_asmprinter()
         machine = ll.Target.from_default_triple().create_target_machine(cpu=cpu_name, features=features, opt=2)
-        asm = machine.emit_assembly(ll.parse_assembly(_PROBE))
+        return machine.emit_assembly(ll.parse_assembly(probe))
     except RuntimeError:  # an LLVM that cannot build the probe for this target
-        return "generic"
+        return ""
+
+
+def _probe_isa(cpu_name, features):
+    """Compile ``_PROBE`` for the target and read the ISA off the assembly ("generic" if it cannot say)."""
+    asm = _assembly(_PROBE, cpu_name, features)
     if "zmm" in asm:
         return "avx512"
     return "avx2" if "vfmadd" in asm and "ymm" in asm else "generic"
@@ -112,6 +128,28 @@ def _choose_target():
 
 CPU_NAME, CPU_FEATURES, ISA = _choose_target()
 VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "generic": 4}[ISA]
+# The convolution's register tile, TILE output pixels x PANEL output channels, fills the vector
+# register file without spilling: TILE * PANEL / lanes accumulators, PANEL / lanes weight vectors
+# and a broadcast.  AVX-512: 6 x 64 = 24 zmm + 4 + 1 of 32.  AVX2: 6 x 16 = 12 ymm + 2 + 1 of 16.
+# generic (SSE: no FMA, so a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
+PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "generic": (8, 4)}[ISA]
+# LLVM CPU names with AVX512-BF16, for NUMBA_CPU_NAME targets (whose features LLVM does not list):
+# LLVM aborts the process on a bf16 intrinsic for a target without it, so the probe runs only here.
+_BF16_CPUS = {"cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d",
+              "diamondrapids", "znver4", "znver5"}
+
+
+def _has_bf16_dot(cpu_name, features, isa):
+    """True when the target has AVX512-BF16 (its features say so, or its CPU name) and LLVM emits it."""
+    flags = features.split(",")
+    named = "+avx512bf16" not in flags and "-avx512bf16" not in flags  # the CPU's own features decide
+    listed = cpu_name in _BF16_CPUS if named else "+avx512bf16" in flags
+    return isa == "avx512" and listed and "vdpbf16ps" in _assembly(_BF16_PROBE, cpu_name, features)
+
+
+# AVX512-BF16's ``vdpbf16ps``: two bf16 products per float32 lane, 32 per instruction (Zen 4,
+# Cooper Lake, Sapphire Rapids and later).  Without it bf16 weights are widened to float32.
+BF16_DOT = _has_bf16_dot(CPU_NAME, CPU_FEATURES, ISA)
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 

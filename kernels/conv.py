@@ -12,17 +12,13 @@ fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here)
 import numpy as np
 from numba import carray, prange
 
-from . import _checks, _memory, wisdom
+from . import _checks, _memory, bf16, wisdom
 from ._im2col import im2col_forward
-from ._numba import (CPU_NAME, ISA, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
+from ._tile import store_tile
+from ._numba import (CPU_NAME, ISA, PANEL, TILE, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
                      stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, transform_kernel
 
-# The register tile, TILE output pixels x PANEL output channels, fills the vector register
-# file without spilling: TILE * PANEL / lanes accumulators, PANEL / lanes weight vectors and
-# a broadcast.  AVX-512: 6 x 64 = 24 zmm + 4 + 1 of 32.  AVX2: 6 x 16 = 12 ymm + 2 + 1 of 16.
-# generic (SSE: no FMA, so a product register too): 4 x 8 = 8 xmm + 2 + 2 of 16.
-PANEL, TILE = {"avx512": (64, 6), "avx2": (16, 6), "generic": (8, 4)}[ISA]
 LINE_FLOATS = 16  # float32 per 64-byte cache line
 PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
@@ -45,13 +41,16 @@ class PackedConv2D:
     ``shape`` is the kernel's HWIO shape.
     ``panels`` (1, ceil(Cout / 64), KH*KW*Cin, 64) feeds the direct kernel; a 3x3
     kernel also has a Winograd packing (36 transformed panel sets), made on first
-    use by ``winograd_panels()`` since it is four times the size.
+    use by ``winograd_panels()`` since it is four times the size.  With
+    ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16`` and
+    there is no Winograd packing.
     """
 
-    def __init__(self, weights, panels, im2col):
-        self.shape = weights.shape
+    def __init__(self, shape, panels, im2col, precision="fp32"):
+        self.shape = tuple(shape)
         self.panels = panels
         self.im2col = im2col    # True: the input is gathered with im2col and run as a 1x1
+        self.precision = precision
         self._winograd = None
 
     @property
@@ -69,6 +68,8 @@ class PackedConv2D:
     def unpacked(self):
         """The (KH, KW, Cin, Cout) kernel, read back from the panels (no second copy is kept)."""
         kh, kw, cin, cout = self.shape
+        if self.precision == "bf16":
+            return bf16.unpack_bf16(self.panels, self.shape)
         rows = self.panels[0].transpose(1, 0, 2).reshape(kh * kw * cin, -1)
         return rows[:, :cout].reshape(kh, kw, cin, cout)
 
@@ -109,7 +110,10 @@ def _pack(w3d):
     return panels
 
 
-def pack_conv2d(w, im2col=False):
+PRECISIONS = ("fp32", "bf16")
+
+
+def pack_conv2d(w, im2col=False, precision="fp32"):
     """Pack a Keras HWIO convolution kernel (or a (in, out) dense kernel) for ``conv2d``.
 
     Parameters
@@ -121,6 +125,9 @@ def pack_conv2d(w, im2col=False):
         was measured slower everywhere here, the 7x7 stem included (2.1 ms
         against 1.45 ms at 224x224, batch 1; 20 ms against 13 ms at batch 8),
         because the gathered copy is 49x the input.
+    precision : "fp32" or "bf16"
+        bf16 rounds the weights to bfloat16 (nearest even) and keeps only those:
+        half the memory; see ``fastres.kernels.bf16``.  Not with ``im2col``.
 
     Returns
     -------
@@ -129,8 +136,14 @@ def pack_conv2d(w, im2col=False):
     if isinstance(w, np.ndarray) and w.ndim == 2:
         w = w[None, None]
     w = _checks.array("pack_conv2d", "w", w, ndim=4)
+    if precision not in PRECISIONS:
+        raise ValueError(f"pack_conv2d: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     kh, kw, cin, cout = w.shape
-    return PackedConv2D(w, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
+    if precision == "bf16":
+        if im2col:
+            raise ValueError("pack_conv2d: im2col=True is for precision='fp32' only")
+        return PackedConv2D(w.shape, bf16.pack_bf16(w), False, "bf16")
+    return PackedConv2D(w.shape, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
 
 
 @jit
@@ -270,34 +283,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                             for t in range(TILE):
                                 acc[t, j] += xv[t] * wv
                         r += np.uint64(1)
-                p0 = run * run_pixels + local0
-                if c0 + PANEL <= cout and local0 + TILE <= run_pixels:
-                    # a whole tile: constant trip counts and one loop per case vectorise best
-                    if has_residual and relu:
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                y[p0 + t, c0 + j] = max(acc[t, j] + res[p0 + t, c0 + j], 0.0)
-                    elif has_residual:
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                y[p0 + t, c0 + j] = acc[t, j] + res[p0 + t, c0 + j]
-                    elif relu:
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                y[p0 + t, c0 + j] = max(acc[t, j], 0.0)
-                    else:
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                y[p0 + t, c0 + j] = acc[t, j]
-                else:
-                    for t in range(min(TILE, run_pixels - local0)):
-                        for j in range(min(PANEL, cout - c0)):
-                            v = acc[t, j]
-                            if has_residual:
-                                v += res[p0 + t, c0 + j]
-                            if relu:
-                                v = max(v, 0.0)
-                            y[p0 + t, c0 + j] = v
+                store_tile(y, res, acc, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
 
 
 def winograd_starts(tiles, cin):
@@ -440,7 +426,7 @@ class Conv2DPlan:
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
         image_tiles = -(-oh // 4) * -(-ow // 4)
-        possible = (kh, kw) == (3, 3) and stride == 1 and not packed.im2col
+        possible = (kh, kw) == (3, 3) and stride == 1 and not packed.im2col and packed.precision == "fp32"
         if winograd is None and possible:
             flops = 2 * n * oh * ow * kh * kw * cin * cout
             rule = n * image_tiles >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
@@ -466,15 +452,20 @@ class Conv2DPlan:
             # group of images and the last
             self.starts = {t: winograd_starts(t, cin)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
+        elif packed.precision == "bf16":  # the input is rounded to bf16 while padded, every call
+            self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin + cin % 2), stride, 1)
+            self.rounded = _memory.empty((n, hp, wp, cin + cin % 2), np.uint16)
         elif packed.im2col:
             self.cols = _memory.empty((n * oh * ow, kh * kw * cin))
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        self.padded = _memory.zeros((n, hp, wp, cin)) if any(self.pads) else None
+        self.padded = _memory.zeros((n, hp, wp, cin)) if any(self.pads) and packed.precision == "fp32" else None
         self._splits = {}
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
+        if packed.precision == "bf16":
+            self.kernel = bf16.DESCRIPTION
 
     def _split(self, panels, starts):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
@@ -497,6 +488,11 @@ class Conv2DPlan:
         relu : bool
         """
         kh, kw = self.packed.kernel_size
+        if self.packed.precision == "bf16":
+            bf16.pad_to_bf16_forward(self.rounded, x.view(np.uint32), self.pads[0], self.pads[2])
+            bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
+                                     *self._split(self.packed.panels, self.starts))
+            return out
         if self.padded is not None:
             zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
             x = self.padded

@@ -12,7 +12,7 @@ fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here)
 import numpy as np
 from numba import carray, prange
 
-from . import _checks, _memory, bf16, wisdom
+from . import _checks, _memory, amx, bf16, wisdom
 from ._im2col import im2col_forward
 from ._tile import store_tile
 from ._numba import (CPU_NAME, ISA, PANEL, TILE, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
@@ -68,6 +68,9 @@ class PackedConv2D:
     def unpacked(self):
         """The (KH, KW, Cin, Cout) kernel, read back from the panels (no second copy is kept)."""
         kh, kw, cin, cout = self.shape
+        if self.precision == "bf16" and self.im2col:
+            depth = 2 * self.panels.shape[2]
+            return bf16.unpack_bf16(self.panels, (1, 1, depth, cout))[0, 0, : kh * kw * cin].reshape(self.shape)
         if self.precision == "bf16":
             return bf16.unpack_bf16(self.panels, self.shape)
         rows = self.panels[0].transpose(1, 0, 2).reshape(kh * kw * cin, -1)
@@ -142,6 +145,10 @@ def pack_conv2d(w, im2col=False, precision="fp32"):
     if precision == "bf16":
         if im2col:
             raise ValueError("pack_conv2d: im2col=True is for precision='fp32' only")
+        if amx.gathered((kh, kw), cin):  # AMX runs it as im2col + 1x1 over whole tile rows
+            rows = np.zeros((amx.im2col_depth((kh, kw), cin), cout), np.float32)
+            rows[: kh * kw * cin] = w.reshape(-1, cout)
+            return PackedConv2D(w.shape, bf16.pack_bf16(rows[None, None]), True, "bf16")
         return PackedConv2D(w.shape, bf16.pack_bf16(w), False, "bf16")
     return PackedConv2D(w.shape, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
 
@@ -436,6 +443,7 @@ class Conv2DPlan:
             winograd = _measured_winograd(packed, input_shape, pads, rule) if measure else rule
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
+        self.amx = False
         if self.winograd:
             # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
             self.tiles_w = -(-ow // 4)
@@ -453,8 +461,24 @@ class Conv2DPlan:
             self.starts = {t: winograd_starts(t, cin)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
         elif packed.precision == "bf16":  # the input is rounded to bf16 while padded, every call
-            self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin + cin % 2), stride, 1)
-            self.rounded = _memory.empty((n, hp, wp, cin + cin % 2), np.uint16)
+            cp = cin + cin % 2
+            self.amx = amx.usable((kh, kw), cin, stride, pads) or packed.im2col
+            if packed.im2col:  # rows of receptive fields, run as a 1x1 over (1, 1, N*OH*OW)
+                depth = 2 * packed.panels.shape[2]
+                self.rounded = _memory.zeros(n * oh * ow * depth + (amx.BLOCK + 1) * depth, np.uint16)
+                self.rounded_view = self.rounded[: n * oh * ow * depth].reshape(n, oh, ow, depth)
+                self.blocks = -(-n * oh * ow // amx.BLOCK)
+                self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
+            elif self.amx:  # AMX tiles read up to a block of pixels past the end: a zeroed tail
+                rows, cols = (hp, wp) if stride == 1 else (oh, ow)
+                size = n * rows * cols * cp
+                self.rounded = _memory.zeros(size + (amx.BLOCK + kw) * cp, np.uint16)
+                self.rounded_view = self.rounded[:size].reshape(n, rows, cols, cp)
+                self.blocks = -(-oh * (wp if stride == 1 else ow) // amx.BLOCK)  # per image
+                self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)  # whole panels
+            else:
+                self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
+                self.rounded_view = self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
         elif packed.im2col:
             self.cols = _memory.empty((n * oh * ow, kh * kw * cin))
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
@@ -465,16 +489,22 @@ class Conv2DPlan:
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
         if packed.precision == "bf16":
-            self.kernel = bf16.DESCRIPTION
+            self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + f"{amx.KERNEL} 32x32" if self.amx
+                           else bf16.DESCRIPTION)
 
-    def _split(self, panels, starts):
+    def _split(self, panels, runs, ntiles):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
-        key = (get_num_threads(), starts.shape)
+        key = (get_num_threads(), runs, ntiles, panels.shape)
         split = self._splits.get(key)
         if split is None:
-            split = self._splits[key] = work_split(starts.shape[0], starts.shape[1] // TILE, panels.shape[1],
-                                                   panels.shape[2], key[0], by_tiles=self.winograd)
+            split = self._splits[key] = work_split(runs, ntiles, panels.shape[1], panels.shape[2], key[0],
+                                                   by_tiles=self.winograd)
         return split
+
+    @staticmethod
+    def _tiles(starts):
+        """(runs, tiles per run) of ``pixel_starts``'s table."""
+        return starts.shape[0], starts.shape[1] // TILE
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
         """``out = relu?(conv(x) + bias + residual)``.
@@ -489,9 +519,23 @@ class Conv2DPlan:
         """
         kh, kw = self.packed.kernel_size
         if self.packed.precision == "bf16":
-            bf16.pad_to_bf16_forward(self.rounded, x.view(np.uint32), self.pads[0], self.pads[2])
+            bits = x.view(np.uint32)
+            if self.packed.im2col:
+                amx.im2col_to_bf16_forward(self.rounded_view, bits, kh, kw, self.stride, self.pads[0], self.pads[2])
+            elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
+                amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
+            else:
+                bf16.pad_to_bf16_forward(self.rounded_view, bits, self.pads[0], self.pads[2])
+            if self.amx:
+                self.bias[: bias.size] = bias
+                one_by_one = self.packed.im2col or self.stride > 1
+                rows = out.reshape(1, 1, -1, out.shape[3]) if self.packed.im2col else out
+                res = residual.reshape(rows.shape) if residual.size else residual
+                amx.conv2d_amx_forward(rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh,
+                                       1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks))
+                return out
             bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
-                                     *self._split(self.packed.panels, self.starts))
+                                     *self._split(self.packed.panels, *self._tiles(self.starts)))
             return out
         if self.padded is not None:
             zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
@@ -505,7 +549,7 @@ class Conv2DPlan:
                 input_transform_forward(v[:, :, 0], x[first:last], self.tiles_w)
                 starts = self.starts[tiles]
                 conv2d_forward(m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False,
-                               *self._split(self.panels, starts))
+                               *self._split(self.panels, *self._tiles(starts)))
                 res = residual if residual.size == 0 else residual[first:last]
                 output_transform_forward(out[first:last], m[:, 0], bias, res, relu)
             return out
@@ -513,7 +557,7 @@ class Conv2DPlan:
             im2col_forward(self.cols, x, kh, kw, self.stride)
             x, kw = self.cols.reshape(*out.shape[:3], -1), 1
         conv2d_forward(out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
-                       *self._split(self.packed.panels, self.starts))
+                       *self._split(self.packed.panels, *self._tiles(self.starts)))
         return out
 
 

@@ -1,0 +1,301 @@
+"""bf16 convolution on Intel AMX tiles (``tdpbf16ps``), where the CPU and the OS allow it.
+
+An AMX tile multiply adds a (16 x 32) bf16 block times a (32 x 16) bf16 block into a
+(16 x 16) float32 block: 8192 multiply-adds per instruction.  The convolution runs as an
+implicit GEMM: rows are output pixels, the depth is (kernel row, kernel column, 32
+channels), columns are output channels.
+
+* Pixels.  A stride-1 convolution is computed on the padded input's width: "virtual"
+  pixel ``u`` of an image sits at padded position (u // Wp, u % Wp), so 16 consecutive
+  pixels are 16 rows at one stride and a tile loads them straight from the bf16 input
+  (``tileloadd``).  The Wp - OW columns past the output's right edge are computed and
+  dropped.  A strided 1x1 convolution first subsamples its input
+  (``subsample_to_bf16_forward``).  Other strided convolutions, and inputs whose channels
+  are not a multiple of 32 (the 3-channel stem), use ``bf16.conv2d_bf16_forward``.
+* Weights.  The bf16 panels of ``bf16.pack_bf16`` are already in AMX's pair layout: 16
+  pair rows of 16 columns of a 64-column panel are one B tile, 256 bytes apart.
+* Blocking.  Each step computes 32 pixels x 32 output channels in four float32 tiles,
+  from two A and two B tiles (all eight tile registers), stores them to a stack block,
+  and adds the bias and residual and applies ReLU in float32 as ``store_tile`` does.
+
+Linux asks a process to request AMX state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``) before
+it may use it; ``AMX`` is True only when that succeeded, the CPU reports ``amx_bf16``,
+the code-generation target has it, and ``FASTRES_AMX`` is not ``off``.
+"""
+import ctypes
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._numba import CPU_FEATURES, CPU_NAME, ISA, PANEL, X86, inline, pjit, stack_f32
+from .bf16 import _bf16_bits
+
+ROWS = 16        # pixels (and pair rows) per tile
+DEPTH = 32       # bf16 channels per tile row (64 bytes)
+BLOCK = 32       # pixels and output channels per step: 2 x 2 tiles
+BLOCK_FLOATS = BLOCK * BLOCK  # a module constant, so Numba sees a literal
+_AMX_CPUS = {"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"}
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _request_permission():
+    """Ask Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XTILEDATA); True if granted."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
+def _target_has_amx():
+    flags = CPU_FEATURES.split(",")
+    if "+amx-bf16" in flags or "-amx-bf16" in flags:
+        return "+amx-bf16" in flags and "+amx-tile" in flags
+    return CPU_NAME in _AMX_CPUS
+
+
+AMX = (os.environ.get("FASTRES_AMX", "").lower() not in ("0", "off", "no", "false") and X86 and ISA == "avx512"
+       and {"amx_bf16", "amx_tile"} <= _cpu_flags() and _target_has_amx() and _request_permission())
+KERNEL = "amx tdpbf16ps"
+
+# ldtilecfg's 64 bytes: palette 1; tiles 0-7 of 16 rows x 64 bytes
+CONFIG = np.zeros(64, np.uint8)
+CONFIG[0] = 1
+CONFIG[16:32].view(np.uint16)[:] = 64
+CONFIG[48:56] = ROWS
+
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+
+
+def _call(builder, name, args):
+    fnty = ir.FunctionType(ir.VoidType(), [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _bytes(context, builder, array_type, array):
+    """An i8* to an array's data."""
+    return builder.bitcast(context.make_array(array_type)(context, builder, array).data, _I8.as_pointer())
+
+
+@intrinsic
+def _tiles_begin(typingctx, config):
+    """Load the tile configuration (``CONFIG``) in the calling thread."""
+    def codegen(context, builder, signature, args):
+        _call(builder, "llvm.x86.ldtilecfg", [_bytes(context, builder, signature.args[0], args[0])])
+        return context.get_dummy_value()
+    return types.void(config), codegen
+
+
+@intrinsic
+def _tiles_end(typingctx):
+    """Release the calling thread's tile state."""
+    def codegen(context, builder, signature, args):
+        _call(builder, "llvm.x86.tilerelease", [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def _block(typingctx, block, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0):
+    """``block (32 x 32) = bias[c0:c0+32] + x-rows . panel-columns`` over every tap and channel, on the tiles.
+
+    block : CPointer(float32), 32 pixels x 32 channels, written
+    x : uint16 (flat) bf16 input; pixel p's tap (i, j) is at ``x0 + p*cp + i*row + j*cp``
+    cp, row : int, channels (a multiple of 32) and elements per padded input row
+    kernel_h, kernel_w : int
+    panel : uint16 (pairs, 64, 2), C-contiguous; column : int, 0 or 32
+    bias : float32, at least c0 + 32 long; c0 : int
+    """
+    def codegen(context, builder, signature, args):
+        out = builder.bitcast(args[0], _I8.as_pointer())
+        x_data, w_data = _bytes(context, builder, signature.args[1], args[1]), _bytes(context, builder, signature.args[7], args[7])
+        x0, cp, row, kh, kw, column = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                       for k in (2, 3, 4, 5, 6, 8))
+        two = _I64(2)
+        chunks = builder.udiv(cp, _I64(DEPTH))
+        a_stride, b_stride = builder.mul(cp, two), _I64(PANEL * 4)
+        bias = _bytes(context, builder, signature.args[9], args[9])
+        c0 = builder.mul(context.cast(builder, args[10], signature.args[10], types.int64), _I64(4))
+        for acc, offset in ((0, 0), (1, 64), (2, 0), (3, 64)):  # every pixel row starts at the bias: stride 0
+            _call(builder, "llvm.x86.tileloadd64", [_I8(acc), builder.gep(bias, [builder.add(c0, _I64(offset))]), _I64(0)])
+        with cgutils.for_range(builder, kh) as i:
+            with cgutils.for_range(builder, kw) as j:
+                tap = builder.add(builder.mul(i.index, kw), j.index)
+                x_tap = builder.add(builder.add(x0, builder.mul(i.index, row)), builder.mul(j.index, cp))
+                with cgutils.for_range(builder, chunks) as c:
+                    a0 = builder.mul(builder.add(x_tap, builder.mul(c.index, _I64(DEPTH))), two)  # bytes
+                    a1 = builder.add(a0, builder.mul(a_stride, _I64(ROWS)))
+                    step = builder.add(builder.mul(tap, chunks), c.index)  # 16 pair rows per step
+                    b0 = builder.mul(builder.add(builder.mul(step, _I64(ROWS * PANEL)), column), _I64(4))
+                    b1 = builder.add(b0, _I64(ROWS * 4))
+                    for tile, offset, stride in ((4, a0, a_stride), (5, a1, a_stride), (6, b0, b_stride), (7, b1, b_stride)):
+                        data = x_data if tile < 6 else w_data
+                        _call(builder, "llvm.x86.tileloadd64", [_I8(tile), builder.gep(data, [offset]), stride])
+                    for acc, a, b in ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7)):
+                        _call(builder, "llvm.x86.tdpbf16ps", [_I8(acc), _I8(a), _I8(b)])
+        for acc, offset in ((0, 0), (1, 64), (2, 16 * 128), (3, 16 * 128 + 64)):  # 32 floats = 128 bytes a row
+            _call(builder, "llvm.x86.tilestored64", [_I8(acc), builder.gep(out, [_I64(offset)]), _I64(BLOCK * 4)])
+        return context.get_dummy_value()
+
+    return types.void(block, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0), codegen
+
+
+@inline
+def _store_row(y, res, acc, p, o, c0, has_residual, relu):
+    """``y[o, c0 + j] = relu?(acc[p, j] + res[o, c0 + j])`` for the block's 32 channels (fewer at Cout's end).
+
+    acc holds the bias already.  Constant trip counts, one loop per case: each vectorises.
+    """
+    if c0 + BLOCK <= y.shape[1]:
+        if has_residual and relu:
+            for j in range(BLOCK):
+                y[o, c0 + j] = max(acc[p, j] + res[o, c0 + j], 0.0)
+        elif has_residual:
+            for j in range(BLOCK):
+                y[o, c0 + j] = acc[p, j] + res[o, c0 + j]
+        elif relu:
+            for j in range(BLOCK):
+                y[o, c0 + j] = max(acc[p, j], 0.0)
+        else:
+            for j in range(BLOCK):
+                y[o, c0 + j] = acc[p, j]
+    else:
+        for j in range(y.shape[1] - c0):
+            v = acc[p, j] + res[o, c0 + j] if has_residual else acc[p, j]
+            y[o, c0 + j] = max(v, 0.0) if relu else v
+
+
+@pjit
+def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, relu, nchunks, group):
+    """Stride-1 convolution of a padded bf16 input on AMX tiles, accumulated in float32.
+
+    Parameters
+    ----------
+    out : float32 (N, OH, OW, Cout), written
+    inp : uint16 (N*Hp*Wp*Cp + slack,) bf16, the padded NHWC input, flat, with at least
+        ``(BLOCK + KW) * Cp`` readable elements after it; OH = Hp - KH + 1, OW = Wp - KW + 1
+    panels : uint16 (1, nblk, KH*KW*Cp/2, 64, 2) from ``bf16.pack_bf16``
+    bias : float32 (nblk * 64,), the bias, zero past Cout
+    residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
+    kernel_h, kernel_w : int
+    relu : bool
+    nchunks, group : int, from ``conv.work_split`` over (N, blocks of 32 pixels per image)
+    """
+    n, oh, ow, cout = out.shape
+    nblk, pairs = panels.shape[1], panels.shape[2]
+    cp = 2 * pairs // (kernel_h * kernel_w)
+    wp, hp = ow + kernel_w - 1, oh + kernel_h - 1
+    virtual = oh * wp  # computed pixels per image, the padded width's extra columns included
+    blocks = (virtual + BLOCK - 1) // BLOCK
+    has_residual = residual.size > 0
+    y, res = out.reshape(-1, cout), residual.reshape(-1, cout)
+    ngroups = (nblk + group - 1) // group
+    for task in prange(n * nchunks * ngroups):
+        chunk, image, first = task // (n * ngroups), task // ngroups % n, task % ngroups * group
+        _tiles_begin(CONFIG)
+        block_ptr = stack_f32(BLOCK_FLOATS)
+        acc = carray(block_ptr, (BLOCK, BLOCK))
+        for blk in range(chunk * blocks // nchunks, (chunk + 1) * blocks // nchunks):
+            u0 = blk * BLOCK
+            for b in range(first, min(first + group, nblk)):
+                for half in range(PANEL // BLOCK):
+                    c0 = b * PANEL + half * BLOCK
+                    _block(block_ptr, inp, (image * hp * wp + u0) * cp, cp, wp * cp, kernel_h, kernel_w,
+                           panels[0, b], half * BLOCK, bias, c0)
+                    row, col = divmod(u0, wp)  # the block's first pixel, then step (no division per pixel)
+                    for p in range(min(BLOCK, virtual - u0)):
+                        if col < ow:
+                            _store_row(y, res, acc, p, (image * oh + row) * ow + col, c0, has_residual, relu)
+                        col += 1
+                        if col == wp:
+                            row, col = row + 1, 0
+        _tiles_end()
+
+
+@pjit
+def subsample_to_bf16_forward(out, inp, step):
+    """``out = bf16(inp[:, ::step, ::step, :])``, with zeros in any extra channel.
+
+    Parameters
+    ----------
+    out : uint16 (N, ceil(H / step), ceil(W / step), Cp), Cp >= C, written
+    inp : uint32 (N, H, W, C), the bits of a float32 input
+    step : int
+    """
+    n, oh, ow, cp = out.shape
+    c = inp.shape[3]
+    for row in prange(n * oh):
+        img, yy = row // oh, row % oh
+        for xx in range(ow):
+            dst, src = out[img, yy, xx], inp[img, yy * step, xx * step]
+            for ch in range(c):
+                dst[ch] = _bf16_bits(src[ch])
+            for ch in range(c, cp):
+                dst[ch] = 0
+
+
+@pjit
+def im2col_to_bf16_forward(out, inp, kernel_h, kernel_w, stride, top, left):
+    """Gather each output pixel's receptive field, rounded to bf16, as one row (zeros outside the input).
+
+    Parameters
+    ----------
+    out : uint16 (N, OH, OW, Kp) bf16, written: pixel (n, y, x) holds taps (i, j, c) in that order,
+        then zeros up to Kp >= KH*KW*C
+    inp : uint32 (N, H, W, C), the bits of a float32 input
+    kernel_h, kernel_w, stride, top, left : int
+    """
+    n, oh, ow, depth = out.shape
+    h, w, c = inp.shape[1], inp.shape[2], inp.shape[3]
+    src, dst = inp.reshape(-1), out.reshape(-1)  # flat, and no array view made per tap
+    run = kernel_w * c  # a kernel row's taps are one contiguous run of the input row
+    for line in prange(n * oh):
+        img, oy = line // oh, line % oh
+        for ox in range(ow):
+            x0, base = ox * stride - left, (line * ow + ox) * depth
+            for i in range(kernel_h):
+                yy, at = oy * stride + i - top, base + i * run
+                if yy < 0 or yy >= h:
+                    for k in range(run):
+                        dst[at + k] = 0
+                elif 0 <= x0 and x0 + kernel_w <= w:  # unsigned offsets: no wrap-around test, so it vectorises
+                    first, to = np.uint64(((img * h + yy) * w + x0) * c), np.uint64(at)
+                    for k in range(np.uint64(run)):
+                        dst[to + k] = _bf16_bits(src[first + k])
+                else:
+                    for j in range(kernel_w):
+                        xx = x0 + j
+                        for ch in range(c):
+                            dst[at + j * c + ch] = _bf16_bits(src[((img * h + yy) * w + xx) * c + ch]) if 0 <= xx < w else 0
+            for k in range(base + kernel_h * run, base + depth):
+                dst[k] = 0
+
+
+def gathered(kernel_size, in_channels):
+    """True when a bf16 convolution runs on AMX as im2col + 1x1: channels that do not fill a tile row."""
+    return AMX and (in_channels + in_channels % 2) % DEPTH != 0 and tuple(kernel_size) != (1, 1)
+
+
+def im2col_depth(kernel_size, in_channels):
+    """The gathered depth, KH*KW*Cin rounded up to whole tile rows (32)."""
+    return -(-kernel_size[0] * kernel_size[1] * in_channels // DEPTH) * DEPTH
+
+
+def usable(kernel_size, in_channels, stride, pads):
+    """True when a bf16 convolution of this shape runs on AMX here (a strided one only as an unpadded 1x1)."""
+    cp = in_channels + in_channels % 2
+    return AMX and cp % DEPTH == 0 and (stride == 1 or tuple(kernel_size) == (1, 1) and not any(pads))

@@ -1,39 +1,92 @@
-"""The register tile's store, shared by the float32 and the bf16 convolution kernels."""
-from ._numba import PANEL, TILE, inline
+"""The register tile's store, shared by the float32, bf16 and AMX convolution kernels.
+
+The store adds the residual and applies ReLU to a row of accumulators as it writes the
+output.  Written as a Numba loop it stays scalar: LLVM unrolls a loop of 32 or 64 fully,
+and then cannot tell that the output and the residual (or the accumulators, once their
+address has been passed to an intrinsic) do not overlap, so it will not combine the
+scalar stores into vectors (measured: 64 ``vmovss`` for a 32-float copy, and the AMX
+convolution's store cost 5x its tile products).  ``store_row`` emits the vector loads
+and stores itself.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._numba import PANEL, TILE, VECTOR_FLOATS, inline
+
+
+def _row_store(count):
+    """An intrinsic storing ``count`` floats (a multiple of the vector width), see ``store_row``."""
+
+    def store_row(typingctx, y, dst, acc, src, res, has_residual, relu):
+        if not (isinstance(y, types.Array) and isinstance(res, types.Array) and isinstance(acc, types.CPointer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            vector = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
+            y_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            res_data = context.make_array(signature.args[4])(context, builder, args[4]).data
+            dst_at = context.cast(builder, args[1], signature.args[1], types.int64)
+            src_at = context.cast(builder, args[3], signature.args[3], types.int64)
+            with_residual = context.cast(builder, args[5], signature.args[5], types.boolean)
+            with_relu = context.cast(builder, args[6], signature.args[6], types.boolean)
+            zero = ir.Constant(vector, [0.0] * VECTOR_FLOATS)
+
+            def at(base, pointer, k):
+                return builder.bitcast(builder.gep(pointer, [builder.add(base, i64(k * VECTOR_FLOATS))]), vector.as_pointer())
+
+            values = [builder.load(at(src_at, args[2], k), align=4) for k in range(count // VECTOR_FLOATS)]
+
+            def store(add_residual):
+                for k, value in enumerate(values):
+                    if add_residual:
+                        value = builder.fadd(value, builder.load(at(dst_at, res_data, k), align=4))
+                    negative = builder.fcmp_ordered("<", value, zero)  # a NaN stays a NaN, as max(v, 0.0)
+                    value = builder.select(with_relu, builder.select(negative, zero, value), value)
+                    builder.store(value, at(dst_at, y_data, k), align=4)
+
+            with builder.if_else(with_residual) as (then, otherwise):
+                with then:
+                    store(True)
+                with otherwise:
+                    store(False)
+            return context.get_dummy_value()
+
+        return types.void(y, dst, acc, src, res, has_residual, relu), codegen
+
+    store_row.__doc__ = f"""``y[dst + j] = relu?(acc[src + j] + res[dst + j])`` for j < {count}, in vectors.
+
+    y, res : float32 (flat), C-contiguous; ``res`` is read only when ``has_residual``
+    acc : CPointer(float32), e.g. a ``stack_f32`` buffer
+    dst, src : int, element offsets
+    """
+    return intrinsic(store_row)
+
+
+store_panel_row = _row_store(PANEL)
+store_block_row = _row_store(32)  # an AMX block row (amx.BLOCK)
 
 
 @inline
-def store_tile(y, res, acc, p0, c0, pixels, has_residual, relu):
+def store_tile(y, res, acc, acc_ptr, p0, c0, pixels, has_residual, relu):
     """``y[p0 + t, c0 + j] = relu?(acc[t, j] + res[p0 + t, c0 + j])`` for the tile's valid part.
 
     Parameters
     ----------
-    y : float32 (pixels, Cout), written
+    y : float32 (pixels, Cout), C-contiguous, written
     res : float32 (pixels, Cout), read when ``has_residual``
-    acc : float32 (TILE, PANEL), the tile's sums (bias included)
+    acc : float32 (TILE, PANEL), the tile's sums (bias included); ``acc_ptr`` its address
     p0, c0 : int, the tile's first pixel and output channel
     pixels : int, the pixels of ``y`` the tile may write (its run's end)
     has_residual, relu : bool
     """
     cout = y.shape[1]
     if c0 + PANEL <= cout and p0 + TILE <= pixels:
-        # a whole tile: constant trip counts and one loop per case vectorise best
-        if has_residual and relu:
-            for t in range(TILE):
-                for j in range(PANEL):
-                    y[p0 + t, c0 + j] = max(acc[t, j] + res[p0 + t, c0 + j], 0.0)
-        elif has_residual:
-            for t in range(TILE):
-                for j in range(PANEL):
-                    y[p0 + t, c0 + j] = acc[t, j] + res[p0 + t, c0 + j]
-        elif relu:
-            for t in range(TILE):
-                for j in range(PANEL):
-                    y[p0 + t, c0 + j] = max(acc[t, j], 0.0)
-        else:
-            for t in range(TILE):
-                for j in range(PANEL):
-                    y[p0 + t, c0 + j] = acc[t, j]
+        flat_y, flat_res = y.reshape(-1), res.reshape(-1)
+        for t in range(TILE):
+            store_panel_row(flat_y, (p0 + t) * cout + c0, acc_ptr, t * PANEL, flat_res, has_residual, relu)
     else:
         for t in range(min(TILE, pixels - p0)):
             for j in range(min(PANEL, cout - c0)):

@@ -32,11 +32,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._numba import CPU_FEATURES, CPU_NAME, ISA, PANEL, X86, inline, pjit, stack_f32
+from ._tile import store_block_row
 from .bf16 import _bf16_bits
 
 ROWS = 16        # pixels (and pair rows) per tile
 DEPTH = 32       # bf16 channels per tile row (64 bytes)
 BLOCK = 32       # pixels and output channels per step: 2 x 2 tiles
+PREFETCH_STEPS = 4  # steps ahead whose weights are prefetched (2, 4 and 8 tried: 4 was best)
 BLOCK_FLOATS = BLOCK * BLOCK  # a module constant, so Numba sees a literal
 _AMX_CPUS = {"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"}
 
@@ -78,7 +80,7 @@ CONFIG[0] = 1
 CONFIG[16:32].view(np.uint16)[:] = 64
 CONFIG[48:56] = ROWS
 
-_I8, _I64 = ir.IntType(8), ir.IntType(64)
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 
 
 def _call(builder, name, args):
@@ -142,6 +144,13 @@ def _block(typingctx, block, x, x0, cp, row, kernel_h, kernel_w, panel, column, 
                     step = builder.add(builder.mul(tap, chunks), c.index)  # 16 pair rows per step
                     b0 = builder.mul(builder.add(builder.mul(step, _I64(ROWS * PANEL)), column), _I64(4))
                     b1 = builder.add(b0, _I64(ROWS * 4))
+                    # the weights of a later step, from memory while these tiles multiply (cold weights
+                    # stall the tile loads otherwise); past the panel's end it is a harmless hint
+                    ahead = builder.add(b0, _I64(PREFETCH_STEPS * ROWS * PANEL * 4))
+                    for r in range(ROWS):
+                        for line in (0, 64):
+                            _call(builder, "llvm.prefetch.p0", [builder.gep(w_data, [builder.add(ahead, _I64(r * PANEL * 4 + line))]),
+                                                                _I32(0), _I32(3), _I32(1)])
                     for tile, offset, stride in ((4, a0, a_stride), (5, a1, a_stride), (6, b0, b_stride), (7, b1, b_stride)):
                         data = x_data if tile < 6 else w_data
                         _call(builder, "llvm.x86.tileloadd64", [_I8(tile), builder.gep(data, [offset]), stride])
@@ -155,28 +164,15 @@ def _block(typingctx, block, x, x0, cp, row, kernel_h, kernel_w, panel, column, 
 
 
 @inline
-def _store_row(y, res, acc, p, o, c0, has_residual, relu):
-    """``y[o, c0 + j] = relu?(acc[p, j] + res[o, c0 + j])`` for the block's 32 channels (fewer at Cout's end).
-
-    acc holds the bias already.  Constant trip counts, one loop per case: each vectorises.
-    """
-    if c0 + BLOCK <= y.shape[1]:
-        if has_residual and relu:
-            for j in range(BLOCK):
-                y[o, c0 + j] = max(acc[p, j] + res[o, c0 + j], 0.0)
-        elif has_residual:
-            for j in range(BLOCK):
-                y[o, c0 + j] = acc[p, j] + res[o, c0 + j]
-        elif relu:
-            for j in range(BLOCK):
-                y[o, c0 + j] = max(acc[p, j], 0.0)
-        else:
-            for j in range(BLOCK):
-                y[o, c0 + j] = acc[p, j]
+def _store_partial_row(y, res, block_ptr, p, dst, width, has_residual, relu):
+    """``y[dst + j] = relu?(block[p, j] + res[dst + j])`` for j < width (the block's row p)."""
+    if width == BLOCK:
+        store_block_row(y, dst, block_ptr, p * BLOCK, res, has_residual, relu)
     else:
-        for j in range(y.shape[1] - c0):
-            v = acc[p, j] + res[o, c0 + j] if has_residual else acc[p, j]
-            y[o, c0 + j] = max(v, 0.0) if relu else v
+        block = carray(block_ptr, (BLOCK_FLOATS,))
+        for j in range(width):
+            v = block[p * BLOCK + j] + res[dst + j] if has_residual else block[p * BLOCK + j]
+            y[dst + j] = max(v, 0.0) if relu else v
 
 
 @pjit
@@ -202,13 +198,12 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
     virtual = oh * wp  # computed pixels per image, the padded width's extra columns included
     blocks = (virtual + BLOCK - 1) // BLOCK
     has_residual = residual.size > 0
-    y, res = out.reshape(-1, cout), residual.reshape(-1, cout)
+    y, res = out.reshape(-1), residual.reshape(-1)
     ngroups = (nblk + group - 1) // group
     for task in prange(n * nchunks * ngroups):
         chunk, image, first = task // (n * ngroups), task // ngroups % n, task % ngroups * group
         _tiles_begin(CONFIG)
         block_ptr = stack_f32(BLOCK_FLOATS)
-        acc = carray(block_ptr, (BLOCK, BLOCK))
         for blk in range(chunk * blocks // nchunks, (chunk + 1) * blocks // nchunks):
             u0 = blk * BLOCK
             for b in range(first, min(first + group, nblk)):
@@ -216,10 +211,12 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
                     c0 = b * PANEL + half * BLOCK
                     _block(block_ptr, inp, (image * hp * wp + u0) * cp, cp, wp * cp, kernel_h, kernel_w,
                            panels[0, b], half * BLOCK, bias, c0)
+                    width = min(BLOCK, cout - c0)
                     row, col = divmod(u0, wp)  # the block's first pixel, then step (no division per pixel)
                     for p in range(min(BLOCK, virtual - u0)):
-                        if col < ow:
-                            _store_row(y, res, acc, p, (image * oh + row) * ow + col, c0, has_residual, relu)
+                        if col < ow and width > 0:
+                            _store_partial_row(y, res, block_ptr, p, ((image * oh + row) * ow + col) * cout + c0,
+                                               width, has_residual, relu)
                         col += 1
                         if col == wp:
                             row, col = row + 1, 0

@@ -237,7 +237,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
                     for j in range(PANEL):
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                 _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b])
-                store_tile(y, res, acc, local0, c0, pixels, has_residual, relu)
+                store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
 
 
 def pack_bf16(w):

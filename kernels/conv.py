@@ -250,7 +250,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
         run = task // ngroups % runs
         first = task % ngroups * group
         wset = run % sets
-        acc = carray(stack_f32(ACC), (TILE, PANEL))
+        acc_ptr = stack_f32(ACC)
+        acc = carray(acc_ptr, (TILE, PANEL))
         xv = carray(stack_f32(TILE), (TILE,))
         xb = carray(stack_u64(TILE), (TILE,))
         begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
@@ -290,7 +291,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                             for t in range(TILE):
                                 acc[t, j] += xv[t] * wv
                         r += np.uint64(1)
-                store_tile(y, res, acc, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
+                store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
 
 
 def winograd_starts(tiles, cin):

@@ -1,0 +1,134 @@
+"""The bf16 convolution's three inner products, each against the naive reference on bf16-rounded values.
+
+On this machine bf16 runs on AMX tiles where the CPU has them (``amx.AMX``), else on
+``vdpbf16ps`` (AVX512-BF16), else widened to float32 FMAs.  Every test here runs on
+any CPU: where AMX is missing the same cases check the kernel that replaces it, and
+``FASTRES_AMX=off`` in a subprocess checks the non-AMX kernel on an AMX machine.
+The tests of other code-generation targets (``test_targets.py``) cover the widened path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastres.kernels as K
+from fastres.kernels import amx, bf16
+
+import naive
+
+# Products of bf16 values are exact in float32; only the float32 sums differ from the float64
+# reference: the error is a few float32 roundings of the largest partial sum.
+BOUND = 1e-5  # of the largest |output|
+
+CASES = {  # name: (input NHWC, kernel HWIO, stride, padding, residual)
+    "3x3 stride 1": ((2, 9, 11, 64), (3, 3, 64, 96), 1, "same", True),
+    "3x3 one image": ((1, 7, 7, 128), (3, 3, 128, 64), 1, "same", False),
+    "1x1": ((3, 5, 6, 96), (1, 1, 96, 70), 1, "valid", True),
+    "1x1 stride 2": ((2, 13, 12, 64), (1, 1, 64, 128), 2, "valid", False),
+    "3x3 stride 2": ((1, 12, 13, 64), (3, 3, 64, 64), 2, "same", True),
+    "stem 7x7 stride 2, 3 channels": ((1, 23, 21, 3), (7, 7, 3, 64), 2, "valid", False),
+    "5 channels": ((2, 6, 7, 5), (3, 3, 5, 40), 1, "same", True),
+}
+
+
+def rounded(a):
+    return bf16.from_bf16(bf16.to_bf16(a))
+
+
+def run_case(name, seed=0):
+    xs, ws, stride, padding, with_residual = CASES[name]
+    rng = np.random.default_rng([seed, len(name)])
+    x = rng.standard_normal(xs, dtype=np.float32)
+    w = rng.standard_normal(ws, dtype=np.float32)
+    b = rng.standard_normal(ws[-1], dtype=np.float32)
+    want = naive.conv2d(rounded(x), rounded(w), b, stride, padding)
+    residual = rng.standard_normal(want.shape, dtype=np.float32) if with_residual else None
+    if residual is not None:
+        want = want + residual
+    packed = K.pack_conv2d(w, precision="bf16")
+    got = K.conv2d(x, packed, b, strides=stride, padding=padding, relu=True, residual=residual)
+    return got, np.maximum(want, 0)
+
+
+def expected_kernel(name):
+    """The kernel ``Conv2DPlan`` should pick for a case on this machine."""
+    xs, ws, stride, _, _ = CASES[name]
+    cin = ws[2]
+    if amx.gathered(ws[:2], cin):
+        return "im2col + amx"
+    if amx.usable(ws[:2], cin, stride, (0, 0, 0, 0) if ws[0] == 1 else (1, 1, 1, 1)):
+        return "amx"
+    return bf16.KERNEL
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_convolution_matches_naive(name):
+    got, want = run_case(name)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= BOUND, f"{name}: relative error {err:.2e} over {BOUND:.0e}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_kernel_that_runs_is_the_one_reported(name):
+    xs, ws, stride, padding, _ = CASES[name]
+    packed = K.pack_conv2d(np.zeros(ws, np.float32), precision="bf16")
+    pads = (0, 0, 0, 0) if ws[0] == 1 else (1, 1, 1, 1)
+    plan = K.Conv2DPlan(packed, xs, stride, pads)
+    assert expected_kernel(name) in plan.kernel
+    assert plan.winograd is False  # Winograd is never used in bf16
+
+
+def test_amx_is_used_exactly_where_the_machine_allows_it():
+    flags = amx._cpu_flags()
+    if not {"amx_bf16", "amx_tile"} <= flags or os.environ.get("FASTRES_AMX", "").lower() in ("0", "off", "no", "false"):
+        assert not amx.AMX
+    plan = K.Conv2DPlan(K.pack_conv2d(np.zeros((1, 1, 64, 64), np.float32), precision="bf16"), (1, 4, 4, 64), 1,
+                        (0, 0, 0, 0))
+    assert ("amx" in plan.kernel) == amx.AMX
+
+
+def test_bf16_weights_take_half_the_memory():
+    w = np.ones((3, 3, 256, 256), np.float32)
+    assert K.pack_conv2d(w, precision="bf16").panels.nbytes * 2 == K.pack_conv2d(w).panels.nbytes
+
+
+def test_packed_bf16_weights_read_back_rounded():
+    rng = np.random.default_rng(3)
+    for shape in [(3, 3, 64, 70), (7, 7, 3, 64), (1, 1, 5, 9)]:
+        w = rng.standard_normal(shape, dtype=np.float32)
+        np.testing.assert_array_equal(K.pack_conv2d(w, precision="bf16").unpacked(), rounded(w))
+
+
+def test_dense_in_bf16():
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((3, 2048), dtype=np.float32), rng.standard_normal((2048, 1000), dtype=np.float32)
+    got = K.dense(x, K.pack_conv2d(w, precision="bf16"))
+    want = rounded(x).astype(np.float64) @ rounded(w).astype(np.float64)
+    assert np.abs(got - want).max() / np.abs(want).max() <= BOUND
+
+
+SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_amx
+out = {{}}
+for name in test_amx.CASES:
+    got, want = test_amx.run_case(name)
+    out[name] = [float(np.abs(got - want).max() / np.abs(want).max()), test_amx.expected_kernel(name)]
+print(json.dumps(out))
+"""
+
+
+def test_without_amx_the_vector_kernel_gives_the_same_answers():
+    env = dict(os.environ, FASTRES_AMX="off")
+    script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (err, kernel) in results.items():
+        assert err <= BOUND, f"{name} without AMX: relative error {err:.2e}"
+        assert "amx" not in kernel and kernel == bf16.KERNEL

@@ -33,6 +33,7 @@ from numba.extending import intrinsic
 
 from ._numba import CPU_FEATURES, CPU_NAME, ISA, PANEL, X86, inline, pjit, stack_f32
 from ._tile import store_block_row
+from . import bf16
 from .bf16 import _bf16_bits
 
 ROWS = 16        # pixels (and pair rows) per tile
@@ -296,3 +297,8 @@ def usable(kernel_size, in_channels, stride, pads):
     """True when a bf16 convolution of this shape runs on AMX here (a strided one only as an unpadded 1x1)."""
     cp = in_channels + in_channels % 2
     return AMX and cp % DEPTH == 0 and (stride == 1 or tuple(kernel_size) == (1, 1) and not any(pads))
+
+
+# What computes a bf16 model's products on this machine, as ``fastres info`` and ``profile`` say it
+PRODUCTS = ("AMX tiles (tdpbf16ps); " + bf16.KERNEL + " for strided convolutions larger than 1x1"
+            if AMX else bf16.KERNEL + (" (AVX512-BF16)" if bf16.BF16_DOT else " (no AVX512-BF16 on this CPU)"))

@@ -299,6 +299,8 @@ def usable(kernel_size, in_channels, stride, pads):
     return AMX and cp % DEPTH == 0 and (stride == 1 or tuple(kernel_size) == (1, 1) and not any(pads))
 
 
-# What computes a bf16 model's products on this machine, as ``fastres info`` and ``profile`` say it
-PRODUCTS = ("AMX tiles (tdpbf16ps); " + bf16.KERNEL + " for strided convolutions larger than 1x1"
-            if AMX else bf16.KERNEL + (" (AVX512-BF16)" if bf16.BF16_DOT else " (no AVX512-BF16 on this CPU)"))
+def products():
+    """What computes a bf16 model's products on this machine, as ``fastres info`` and ``profile`` say it."""
+    if AMX:
+        return f"AMX tiles (tdpbf16ps); {bf16.kernel()} for strided convolutions larger than 1x1"
+    return bf16.kernel() + ("" if bf16.BF16_DOT else " (no AVX512-BF16 on this CPU)")

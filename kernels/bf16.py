@@ -25,14 +25,14 @@ from numba import carray, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _memory
-from ._numba import BF16_DOT, ISA, PANEL, TILE, VECTOR_FLOATS, inline, pjit, prefetch, stack_f32, stack_u64
+from . import _memory, wisdom
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, get_num_threads, inline, pjit,
+                     prefetch, stack_f32, stack_u64)
 from ._tile import store_tile
 
 LANES = VECTOR_FLOATS
 ACC = TILE * PANEL
 LINE_HALVES = 32  # bf16 values per 64-byte cache line
-KERNEL = "vdpbf16ps" if BF16_DOT else "bf16 widened to fp32 FMA"  # what computes the products
 
 
 def to_bf16(x):
@@ -110,7 +110,7 @@ class _BFloat(ir.Type):
 
 
 @intrinsic
-def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel):
+def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot):
     """``acc[t, :] += sum over rows i, pairs q of x-pair(t, i, q) . panel[i * pairs + q]``, in LLVM IR.
 
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
@@ -118,6 +118,7 @@ def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel):
     xb : CPointer(uint64), TILE offsets
     row_stride, kernel_h, pairs : int, input elements between kernel rows, rows, pairs per row
     panel : uint16 (kernel_h * pairs, PANEL, 2), C-contiguous
+    dot : bool, multiply with ``vdpbf16ps`` (only where ``BF16_DOT``), else widen to float32 FMAs
     """
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and x.dtype == types.uint16
             and panel.dtype == types.uint16 and panel.layout == "C"):
@@ -137,57 +138,67 @@ def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel):
         for k in range(TILE * PANEL // LANES):
             slots.append(cgutils.alloca_once(builder, vf))
             builder.store(builder.load(builder.gep(acc_vec, [i64(k)]), align=4), slots[-1])
-        if BF16_DOT:
-            vbf = ir.VectorType(_BFloat(), 2 * LANES)
-            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vbf, vbf]),
-                                                 "llvm.x86.avx512bf16.dpbf16ps.512")
-        else:
+        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+        def loops(use_dot):
+            if use_dot:
+                vbf = ir.VectorType(_BFloat(), 2 * LANES)
+                product = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vbf, vbf]),
+                                                         "llvm.x86.avx512bf16.dpbf16ps.512")
             shift = ir.Constant(vi, [16] * LANES)
             upper = ir.Constant(vi, [0xFFFF0000 - (1 << 32)] * LANES)  # as a signed i32
-        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-        with cgutils.for_range(builder, rows) as row:
-            x_row = builder.mul(row.index, stride)
-            w_row = builder.mul(row.index, npairs)
-            with cgutils.for_range(builder, npairs) as pair:
-                q = pair.index
-                xs = []
-                for t in range(TILE):   # pixel t's pair of inputs, broadcast to every lane
-                    offset = builder.add(builder.add(builder.load(builder.gep(xb_ptr, [i64(t)])), x_row),
-                                         builder.shl(q, i64(1)))
-                    both = builder.load(builder.bitcast(builder.gep(x_data, [offset]), i32.as_pointer()), align=4)
-                    one = builder.insert_element(ir.Constant(vi, ir.Undefined), both, i32(0))
-                    xs.append(builder.shuffle_vector(one, ir.Constant(vi, ir.Undefined), splat))
-                base = builder.mul(builder.add(w_row, q), i64(2 * PANEL))
-                ws = [builder.load(builder.bitcast(builder.gep(w_data, [builder.add(base, i64(2 * LANES * j))]),
-                                                   vi.as_pointer()), align=4)
-                      for j in range(PANEL // LANES)]
-                if BF16_DOT:
-                    xs = [builder.bitcast(v, vbf) for v in xs]
-                    ws = [builder.bitcast(v, vbf) for v in ws]
-                    for t in range(TILE):
-                        for j, w in enumerate(ws):
-                            slot = slots[t * len(ws) + j]
-                            builder.store(builder.call(dot, [builder.load(slot), xs[t], w]), slot)
-                else:   # the even element is the low half of each 32-bit lane: shift it up; the odd, mask it
-                    halves = [(builder.bitcast(builder.shl(v, shift), vf), builder.bitcast(builder.and_(v, upper), vf))
-                              for v in xs + ws]
-                    for t in range(TILE):
-                        for j in range(len(ws)):
-                            slot = slots[t * len(ws) + j]
-                            total = builder.load(slot)
-                            for h in range(2):
-                                product = builder.fmul(halves[t][h], halves[TILE + j][h], flags=("contract",))
-                                total = builder.fadd(total, product, flags=("contract",))
-                            builder.store(total, slot)
+            with cgutils.for_range(builder, rows) as row:
+                x_row = builder.mul(row.index, stride)
+                w_row = builder.mul(row.index, npairs)
+                with cgutils.for_range(builder, npairs) as pair:
+                    q = pair.index
+                    xs = []
+                    for t in range(TILE):   # pixel t's pair of inputs, broadcast to every lane
+                        offset = builder.add(builder.add(builder.load(builder.gep(xb_ptr, [i64(t)])), x_row),
+                                             builder.shl(q, i64(1)))
+                        both = builder.load(builder.bitcast(builder.gep(x_data, [offset]), i32.as_pointer()), align=4)
+                        one = builder.insert_element(ir.Constant(vi, ir.Undefined), both, i32(0))
+                        xs.append(builder.shuffle_vector(one, ir.Constant(vi, ir.Undefined), splat))
+                    base = builder.mul(builder.add(w_row, q), i64(2 * PANEL))
+                    ws = [builder.load(builder.bitcast(builder.gep(w_data, [builder.add(base, i64(2 * LANES * j))]),
+                                                       vi.as_pointer()), align=4)
+                          for j in range(PANEL // LANES)]
+                    if use_dot:
+                        xs = [builder.bitcast(v, vbf) for v in xs]
+                        ws = [builder.bitcast(v, vbf) for v in ws]
+                        for t in range(TILE):
+                            for j, w in enumerate(ws):
+                                slot = slots[t * len(ws) + j]
+                                builder.store(builder.call(product, [builder.load(slot), xs[t], w]), slot)
+                    else:   # the even element is the low half of each 32-bit lane: shift it up; the odd, mask it
+                        halves = [(builder.bitcast(builder.shl(v, shift), vf), builder.bitcast(builder.and_(v, upper), vf))
+                                  for v in xs + ws]
+                        for t in range(TILE):
+                            for j in range(len(ws)):
+                                slot = slots[t * len(ws) + j]
+                                total = builder.load(slot)
+                                for h in range(2):
+                                    term = builder.fmul(halves[t][h], halves[TILE + j][h], flags=("contract",))
+                                    total = builder.fadd(total, term, flags=("contract",))
+                                builder.store(total, slot)
+
+        if BF16_DOT:
+            with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
+                with then:
+                    loops(True)
+                with otherwise:
+                    loops(False)
+        else:
+            loops(False)
         for k, slot in enumerate(slots):
             builder.store(builder.load(slot), builder.gep(acc_vec, [i64(k)]), align=4)
         return context.get_dummy_value()
 
-    return types.void(acc, x, xb, row_stride, kernel_h, pairs, panel), codegen
+    return types.void(acc, x, xb, row_stride, kernel_h, pairs, panel, dot), codegen
 
 
 @pjit
-def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
+def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group, dot):
     """Direct convolution of a padded bf16 NHWC input with bf16 panels, accumulated in float32.
 
     The same tiling, work split and store as ``conv.conv2d_forward``.
@@ -203,6 +214,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
     kernel_w : int, KW (KH follows from the panel depth)
     relu : bool, apply max(0, .) while storing
     nchunks, group : int, from ``conv.work_split``
+    dot : bool, products on ``vdpbf16ps`` (where ``BF16_DOT``; see ``use_dot``), else widened to FMAs
     """
     n, oh, ow, cout = out.shape
     wp, cp = inp.shape[2], inp.shape[3]
@@ -236,7 +248,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
                 for t in range(TILE):  # the accumulators start at the bias
                     for j in range(PANEL):
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
-                _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b])
+                _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot)
                 store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
 
 
@@ -270,4 +282,46 @@ def unpack_bf16(panels, shape):
     return from_bf16(rows[:, :cout]).reshape(kh, kw, cin + cin % 2, cout)[:, :, :cin]
 
 
-DESCRIPTION = f"direct bf16 {TILE}x{PANEL} {ISA} {KERNEL}"
+_choice = []  # the measured (or ruled) answer of ``use_dot``, once per process
+
+
+def use_dot():
+    """Whether the products run on ``vdpbf16ps`` here (else bf16 is widened to float32 FMAs).
+
+    The instruction does twice the multiply-adds of an FMA, but its throughput differs by
+    CPU: on the Emerald Rapids VM it ran at half the FMA rate (bf16 took 1.8x float32's
+    time), so where the CPU has it both are timed once on a 14x14x256 3x3 layer and the
+    faster is recorded in ``wisdom``; with wisdom off the rule is to use it.
+    """
+    if not _choice:
+        if not BF16_DOT:
+            _choice.append(False)
+        else:
+            machine = f"{cpu_model()} | {CPU_NAME} | {ISA} | bf16 tile {TILE}x{PANEL} | {get_num_threads()} threads"
+            runs = {name: _product_timing(name == "vdpbf16ps") for name in ("vdpbf16ps", "widened")}
+            _choice.append(wisdom.choose(machine, "bf16 products", runs, "vdpbf16ps") == "vdpbf16ps")
+    return _choice[0]
+
+
+def _product_timing(dot):
+    """A call of the direct bf16 kernel on a compute-bound layer (14x14x256 -> 256, 3x3), for ``use_dot``."""
+    rng = np.random.default_rng(0)
+    size, cp, cout = 16, 256, 256
+    inp = to_bf16(rng.standard_normal((1, size, size, cp), dtype=np.float32))
+    panels = pack_bf16(rng.standard_normal((3, 3, cp, cout), dtype=np.float32))
+    out = _memory.empty((1, size - 2, size - 2, cout))
+    pixels = np.arange(-(-out.shape[1] * out.shape[2] // TILE) * TILE).clip(max=out.shape[1] * out.shape[2] - 1)
+    starts = ((pixels // out.shape[2] * size + pixels % out.shape[2]) * cp)[None].astype(np.int64)
+    bias, none = np.zeros(cout, np.float32), np.zeros((0, 0, 0, 0), np.float32)
+    chunks = max(1, min(starts.shape[1] // TILE, 2 * get_num_threads()))
+    return lambda: conv2d_bf16_forward(out, inp, panels, starts, bias, none, 3, True, chunks, panels.shape[1], dot)
+
+
+def kernel():
+    """What computes the products of the direct bf16 kernel here."""
+    return "vdpbf16ps" if use_dot() else "bf16 widened to fp32 FMA"
+
+
+def description():
+    """The direct bf16 kernel as ``fastres profile`` names it."""
+    return f"direct bf16 {TILE}x{PANEL} {ISA} {kernel()}"

@@ -491,7 +491,8 @@ class Conv2DPlan:
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
         if packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + f"{amx.KERNEL} 32x32" if self.amx
-                           else bf16.DESCRIPTION)
+                           else bf16.description())
+            self.dot = not self.amx and bf16.use_dot()
 
     def _split(self, panels, runs, ntiles):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
@@ -536,7 +537,7 @@ class Conv2DPlan:
                                        1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks))
                 return out
             bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
-                                     *self._split(self.packed.panels, *self._tiles(self.starts)))
+                                     *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)
             return out
         if self.padded is not None:
             zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])

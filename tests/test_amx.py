@@ -61,7 +61,7 @@ def expected_kernel(name):
         return "im2col + amx"
     if amx.usable(ws[:2], cin, stride, (0, 0, 0, 0) if ws[0] == 1 else (1, 1, 1, 1)):
         return "amx"
-    return bf16.KERNEL
+    return bf16.kernel()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -79,6 +79,20 @@ def test_the_kernel_that_runs_is_the_one_reported(name):
     plan = K.Conv2DPlan(packed, xs, stride, pads)
     assert expected_kernel(name) in plan.kernel
     assert plan.winograd is False  # Winograd is never used in bf16
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_both_vector_products_match_naive(dot):
+    """vdpbf16ps (where the CPU has it) and the widened FMAs: whichever ``use_dot`` picks, both are right."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 9, 8, 64), dtype=np.float32)
+    w = rng.standard_normal((3, 3, 64, 70), dtype=np.float32)
+    plan = K.Conv2DPlan(K.pack_conv2d(w, precision="bf16"), x.shape, 2, (1, 1, 1, 1))  # strided 3x3: never AMX
+    plan.dot = dot and bf16.BF16_DOT
+    out = np.empty(plan.output_shape, np.float32)
+    plan(out, x, np.zeros(70, np.float32), K.NO_RESIDUAL, False)
+    want = naive.conv2d(np.pad(rounded(x), ((0, 0), (1, 1), (1, 1), (0, 0))), rounded(w), stride=2)
+    assert np.abs(out - want).max() / np.abs(want).max() <= BOUND
 
 
 def test_amx_is_used_exactly_where_the_machine_allows_it():
@@ -131,4 +145,4 @@ def test_without_amx_the_vector_kernel_gives_the_same_answers():
     results = json.loads(run.stdout.strip().splitlines()[-1])
     for name, (err, kernel) in results.items():
         assert err <= BOUND, f"{name} without AMX: relative error {err:.2e}"
-        assert "amx" not in kernel and kernel == bf16.KERNEL
+        assert "amx" not in kernel and kernel == bf16.kernel()

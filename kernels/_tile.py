@@ -39,13 +39,31 @@ def _row_store(count):
 
             values = [builder.load(at(src_at, args[2], k), align=4) for k in range(count // VECTOR_FLOATS)]
 
+            to_bf16 = signature.args[0].dtype == types.uint16
+            i32s, i16s = ir.VectorType(ir.IntType(32), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
+
+            def rounded(value):
+                """bf16 bits of a float vector: to nearest, ties to even; a NaN stays a (quiet) NaN."""
+                bits = builder.bitcast(value, i32s)
+                high = builder.lshr(bits, ir.Constant(i32s, [16] * VECTOR_FLOATS))
+                odd = builder.and_(high, ir.Constant(i32s, [1] * VECTOR_FLOATS))
+                up = builder.add(bits, builder.add(odd, ir.Constant(i32s, [0x7FFF] * VECTOR_FLOATS)))
+                near = builder.lshr(up, ir.Constant(i32s, [16] * VECTOR_FLOATS))
+                nan = builder.fcmp_unordered("uno", value, value)
+                quiet = builder.or_(high, ir.Constant(i32s, [0x40] * VECTOR_FLOATS))
+                return builder.trunc(builder.select(nan, quiet, near), i16s)
+
             def store(add_residual):
                 for k, value in enumerate(values):
                     if add_residual:
                         value = builder.fadd(value, builder.load(at(dst_at, res_data, k), align=4))
                     negative = builder.fcmp_ordered("<", value, zero)  # a NaN stays a NaN, as max(v, 0.0)
                     value = builder.select(with_relu, builder.select(negative, zero, value), value)
-                    builder.store(value, at(dst_at, y_data, k), align=4)
+                    if to_bf16:
+                        place = builder.gep(y_data, [builder.add(dst_at, i64(k * VECTOR_FLOATS))])
+                        builder.store(rounded(value), builder.bitcast(place, i16s.as_pointer()), align=2)
+                    else:
+                        builder.store(value, at(dst_at, y_data, k), align=4)
 
             with builder.if_else(with_residual) as (then, otherwise):
                 with then:
@@ -58,7 +76,9 @@ def _row_store(count):
 
     store_row.__doc__ = f"""``y[dst + j] = relu?(acc[src + j] + res[dst + j])`` for j < {count}, in vectors.
 
-    y, res : float32 (flat), C-contiguous; ``res`` is read only when ``has_residual``
+    y, res : float32 (flat), C-contiguous; ``res`` is read only when ``has_residual``; a uint16
+        ``y`` receives the values rounded to bf16 (``bf16.to_bf16``), and then ``res`` must be
+        laid out as ``y`` is
     acc : CPointer(float32), e.g. a ``stack_f32`` buffer
     dst, src : int, element offsets
     """

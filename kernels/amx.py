@@ -177,7 +177,7 @@ def _store_partial_row(y, res, block_ptr, p, dst, width, has_residual, relu):
 
 
 @pjit
-def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, relu, nchunks, group):
+def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, relu, nchunks, group, rounded, top, left):
     """Stride-1 convolution of a padded bf16 input on AMX tiles, accumulated in float32.
 
     Parameters
@@ -191,6 +191,10 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
     kernel_h, kernel_w : int
     relu : bool
     nchunks, group : int, from ``conv.work_split`` over (N, blocks of 32 pixels per image)
+    rounded : uint16 (N, OH + top + ..., OW + left + ..., Cout), or empty: then the output goes there,
+        rounded to bf16, at (top, left) of each image (the next convolution's padded input), and not
+        to ``out``; no residual then
+    top, left : int
     """
     n, oh, ow, cout = out.shape
     nblk, pairs = panels.shape[1], panels.shape[2]
@@ -200,6 +204,7 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
     blocks = (virtual + BLOCK - 1) // BLOCK
     has_residual = residual.size > 0
     y, res = out.reshape(-1), residual.reshape(-1)
+    to_bf16, y16, rh, rw = rounded.size > 0, rounded.reshape(-1), rounded.shape[1], rounded.shape[2]
     ngroups = (nblk + group - 1) // group
     for task in prange(n * nchunks * ngroups):
         chunk, image, first = task // (n * ngroups), task // ngroups % n, task % ngroups * group
@@ -216,8 +221,12 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
                     row, col = divmod(u0, wp)  # the block's first pixel, then step (no division per pixel)
                     for p in range(min(BLOCK, virtual - u0)):
                         if col < ow and width > 0:
-                            _store_partial_row(y, res, block_ptr, p, ((image * oh + row) * ow + col) * cout + c0,
-                                               width, has_residual, relu)
+                            if to_bf16:  # whole block rows: a fed consumer's channels fill tile rows
+                                at = ((image * rh + row + top) * rw + col + left) * cout + c0
+                                store_block_row(y16, at, block_ptr, p * BLOCK, res, False, relu)
+                            else:
+                                _store_partial_row(y, res, block_ptr, p, ((image * oh + row) * ow + col) * cout + c0,
+                                                   width, has_residual, relu)
                         col += 1
                         if col == wp:
                             row, col = row + 1, 0

@@ -403,6 +403,7 @@ def im2col_numba(out, inp, kernel_h, kernel_w, stride):
 
 
 NO_RESIDUAL = np.zeros((0, 0, 0, 0), np.float32)
+NO_BF16_OUTPUT = np.zeros((0, 0, 0, 0), np.uint16)
 
 
 class Conv2DPlan:
@@ -445,6 +446,8 @@ class Conv2DPlan:
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
         self.amx = False
+        self.bf16_output = (NO_BF16_OUTPUT, 0, 0)  # where ``feed`` sends the output instead of ``out``
+        self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
             # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
             self.tiles_w = -(-ow // 4)
@@ -503,6 +506,25 @@ class Conv2DPlan:
                                                    by_tiles=self.winograd)
         return split
 
+    def can_feed(self, consumer):
+        """True when this plan can write its output, rounded to bf16, straight into ``consumer``'s
+        padded input (both on AMX, the consumer a stride-1 convolution of this output)."""
+        n, oh, ow, cout = self.output_shape
+        top, bottom, left, right = consumer.pads
+        return (self.amx and not self.packed.im2col and consumer.amx and not consumer.packed.im2col
+                and consumer.stride == 1 and consumer.rounded_view.shape == (n, oh + top + bottom, ow + left + right, cout))
+
+    def feed(self, consumer):
+        """From now on write the output into ``consumer``'s bf16 input (``can_feed``) instead of ``out``.
+
+        ``consumer`` then skips rounding its input; its zero border was written when it was made.
+        Only for an output that nothing else reads, and without a residual.
+        """
+        if not self.can_feed(consumer):
+            raise ValueError("Conv2DPlan.feed: the consumer cannot take this plan's output as its bf16 input")
+        self.bf16_output = (consumer.rounded_view, consumer.pads[0], consumer.pads[2])
+        consumer.prerounded = True
+
     @staticmethod
     def _tiles(starts):
         """(runs, tiles per run) of ``pixel_starts``'s table."""
@@ -522,7 +544,9 @@ class Conv2DPlan:
         kh, kw = self.packed.kernel_size
         if self.packed.precision == "bf16":
             bits = x.view(np.uint32)
-            if self.packed.im2col:
+            if self.prerounded:
+                pass
+            elif self.packed.im2col:
                 amx.im2col_to_bf16_forward(self.rounded_view, bits, kh, kw, self.stride, self.pads[0], self.pads[2])
             elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
                 amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
@@ -534,7 +558,8 @@ class Conv2DPlan:
                 rows = out.reshape(1, 1, -1, out.shape[3]) if self.packed.im2col else out
                 res = residual.reshape(rows.shape) if residual.size else residual
                 amx.conv2d_amx_forward(rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh,
-                                       1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks))
+                                       1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks),
+                                       *self.bf16_output)
                 return out
             bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
                                      *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)

@@ -146,3 +146,29 @@ def test_without_amx_the_vector_kernel_gives_the_same_answers():
     for name, (err, kernel) in results.items():
         assert err <= BOUND, f"{name} without AMX: relative error {err:.2e}"
         assert "amx" not in kernel and kernel == bf16.kernel()
+
+
+def test_a_plan_can_feed_the_next_convolution_its_bf16_input():
+    """The producer rounds its output straight into the consumer's padded input: same answer, bit for bit."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 9, 10, 64), dtype=np.float32)
+    w1, w2 = rng.standard_normal((1, 1, 64, 64), dtype=np.float32), rng.standard_normal((3, 3, 64, 96), dtype=np.float32)
+    b1, b2 = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(96, dtype=np.float32)
+    outs = []
+    for fused in (False, True):
+        first = K.Conv2DPlan(K.pack_conv2d(w1, precision="bf16"), x.shape, 1, (0, 0, 0, 0))
+        second = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), first.output_shape, 1, (1, 1, 1, 1))
+        middle, out = np.full(first.output_shape, np.nan, np.float32), np.empty(second.output_shape, np.float32)
+        if fused:
+            assert first.can_feed(second) == amx.AMX
+            if not amx.AMX:
+                with pytest.raises(ValueError, match="cannot take"):
+                    first.feed(second)
+                return
+            first.feed(second)
+        for _ in range(2):  # the consumer's zero border must survive repeated calls
+            first(middle, x, b1, K.NO_RESIDUAL, True)
+            second(out, middle, b2, K.NO_RESIDUAL, False)
+        assert np.isnan(middle).all() == fused  # fed: the float32 output is not written
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -16,7 +16,7 @@ from . import _checks, _memory, wisdom
 from ._im2col import im2col_forward
 from ._numba import (CPU_NAME, ISA, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
                      stack_f32, stack_u64)
-from .winograd import input_transform_forward, output_transform_forward, transform_kernel
+from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 # The register tile, TILE output pixels x PANEL output channels, fills the vector register
 # file without spilling: TILE * PANEL / lanes accumulators, PANEL / lanes weight vectors and
@@ -79,7 +79,7 @@ class PackedConv2D:
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
         if self._winograd is None:
-            self._winograd = _pack(transform_kernel(self.unpacked()))  # from (36, Cin, Cout)
+            self._winograd = pack_transformed(self.unpacked(), PANEL)  # transformed panel by panel
         return self._winograd
 
 

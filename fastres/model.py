@@ -1,5 +1,6 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
 import contextlib
+import copy
 import math
 import threading
 import time
@@ -458,6 +459,20 @@ class Plan:
         return out
 
 
+def _release_direct(model, name, conv):
+    """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size.
+
+    The model's packing is replaced by a copy without the direct panels, and every later plan runs
+    this layer as Winograd (possible for any input size; it may be slower than the direct kernel on
+    very small inputs, and rounds differently, about 1e-5 of the output).  A plan made before keeps
+    the packing it was made with, so it still runs: the direct panels are freed with the last of them.
+    """
+    winograd_only = copy.copy(conv.packed)
+    winograd_only.panels = None
+    conv.packed = winograd_only
+    model._packed[name] = winograd_only
+
+
 def _activation_step(act, out, inp):
     """The kernel call that applies ``act`` (not linear) to ``inp`` into ``out`` (possibly in place)."""
     if act.kind == "softmax":
@@ -494,7 +509,9 @@ def _steps(model, op, ins, out, residual, scratch):
                 _, pl, pr = K.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
                 t, b, l, r = t + pt, b + pb, l + pl, r + pr
             pads = (t, b, l, r)
-        conv = K.Conv2DPlan(packed, x4.shape, stride, pads)
+        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=True if packed.panels is None else None)
+        if conv.winograd and packed.panels is not None:
+            _release_direct(model, op.name, conv)
         scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))

@@ -219,3 +219,40 @@ def test_threads_argument(small):
     assert fastres.get_num_threads() == before  # the count belongs to the model (tests/test_hostile_files.py)
     with pytest.raises(fastres.FastresError, match="between 1 and"):
         fastres.load(path, threads=0)
+
+
+def test_one_packing_per_convolution(rng):
+    """A 3x3 convolution keeps the weights its plans run: once a plan runs it as Winograd, its direct
+    packing goes and later plans run Winograd too, at any size; a plan made before keeps its own."""
+    import naive
+    from conftest import assert_close
+    from fastres.graph import Activation, Layer
+
+    w = (rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+
+    def model():
+        layers = [Layer("input", "InputLayer", []),
+                  Layer("c", "Conv2D", ["input"], dict(filters=64, kernel=(3, 3), stride=1, padding="same",
+                                                      use_bias=True, activation=Activation("relu")), [w.copy(), b])]
+        return fastres.Model(layers, "c", (None, None, 64), "test", "", "<test>")
+
+    small, big = images((1, 8, 8, 64), seed=5), images((1, 56, 56, 64), seed=6)
+    expected = {x.shape: naive.conv2d(x, w, b, padding="same", relu=True) for x in (small, big)}
+    fr = model()
+    assert_close(fr.predict(small), expected[small.shape])       # too small for Winograd: direct
+    assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
+    assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd: the direct panels are released
+    assert fr._local.plans[big.shape].kernels["c"].startswith("winograd") and fr._packed["c"].panels is None
+    assert_close(fr.predict(small), expected[small.shape])       # the plan made before still runs direct
+    fr._local.plans.clear()
+    assert_close(fr.predict(small), expected[small.shape], rtol=1e-4)  # a new plan: Winograd, the packing there is
+    assert fr._local.plans[small.shape].kernels["c"].startswith("winograd")
+    odd, done = images((2, 5, 7, 64), seed=7), []
+    thread = threading.Thread(target=lambda: done.append(fr.predict(odd)))  # its own plans, Winograd too
+    thread.start()
+    thread.join()
+    assert_close(done[0], naive.conv2d(odd, w, b, padding="same", relu=True), rtol=1e-4)
+    fresh = model()
+    fresh.predict(small)
+    assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd is None  # direct only

@@ -142,11 +142,22 @@ def attach_weights(layers, weights, input_shape, limit=None):
     for layer, expected, arrays in found:
         layer.weights = [array.read() if hasattr(array, "read") else np.asarray(array, np.float32) for array in arrays]
         for (wname, _), array in zip(expected, layer.weights):
-            if not np.isfinite(array).all():
+            if not _all_finite(array):
                 raise ModelFormatError(f"{layer.where}: {wname} holds NaN or infinity")
             if wname in ("moving_variance", "variance") and (array < 0).any():
                 raise ModelFormatError(f"{layer.where}: {wname} holds negative values")
     return shapes
+
+
+def _all_finite(array):
+    """True when ``array`` holds no NaN or infinity.
+
+    One pass and no temporary: any NaN or infinity makes the sum NaN or infinite; a finite
+    array whose sum overflows is checked value by value.
+    """
+    with np.errstate(all="ignore"):
+        total = np.add.reduce(array, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
 
 
 def batch_norm_weights(layer):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
-from h5py import h5l, h5z
+from h5py import h5d, h5i, h5l, h5o, h5z
 
 from . import limits
 from .errors import ModelFormatError
@@ -83,23 +83,24 @@ class StoredArray:
 
     def __init__(self, dataset, where):
         self._dataset, self.where = dataset, where
-        shape = dataset.shape
+        dsid = dataset.id  # h5py's low-level object: its properties cost less than the high-level ones
+        shape = dsid.shape
         if shape is None:
             raise ModelFormatError(f"{where} is an empty (null) dataset")
         self.shape = tuple(int(d) for d in shape)
-        self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=object))
-        dtype = dataset.dtype
+        self.ndim, self.size = len(self.shape), math.prod(self.shape)
+        dtype = dsid.dtype
         if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
             raise ModelFormatError(f"{where} holds {dtype} values; weights must be real numbers")
-        plist = dataset.id.get_create_plist()
-        if dataset.is_virtual:
+        plist = dsid.get_create_plist()
+        if plist.get_layout() == h5d.VIRTUAL:
             raise ModelFormatError(f"{where} is a virtual dataset (its data lives in other files); refused")
         if plist.get_external_count():
             raise ModelFormatError(f"{where} keeps its data in an external file; fastres reads only the model file")
         filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
         if any(f not in SAFE_FILTERS for f in filters):
             raise ModelFormatError(f"{where} uses HDF5 filter {filters}; only deflate, shuffle and fletcher32 are read")
-        stored, declared = dataset.id.get_storage_size(), self.size * dtype.itemsize
+        stored, declared = dsid.get_storage_size(), self.size * dtype.itemsize
         if not filters and self.size and stored != declared:
             raise ModelFormatError(f"{where} declares {limits.human(declared)} of data but stores {limits.human(stored)}")
 
@@ -176,8 +177,19 @@ def _child(group, name):
             what = {h5l.TYPE_SOFT: "a soft link", h5l.TYPE_EXTERNAL: "an external link (to another file)"}
             raise ModelFormatError(f"{node.name.rstrip('/')}/{part} is {what.get(kind, 'a user-defined link')}; "
                                    "fastres follows only hard links, inside the model file")
-        node = node[part]
+        node = _open(node, key)
     return node
+
+
+def _open(group, key):
+    """``group[key]`` through h5py's low-level calls (h5py's ``__getitem__`` also builds a File per call)."""
+    oid = h5o.open(group.id, key)
+    kind = h5i.get_type(oid)
+    if kind == h5i.GROUP:
+        return h5py.Group(oid)
+    if kind == h5i.DATASET:
+        return h5py.Dataset(oid, readonly=True)
+    return h5py.Datatype(oid)
 
 
 def _group(parent, name, where):

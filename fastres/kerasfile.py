@@ -113,11 +113,15 @@ class StoredArray:
         """The dataset as a float32 array (converted by HDF5 while reading, one copy)."""
         out = np.empty(self.shape, np.float32)
         if self.size:
-            try:
-                self._dataset.read_direct(out)
-            except READ_ERRORS as exc:
-                raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
+            self.read_into(out)
         return out
+
+    def read_into(self, out, source_sel=None, dest_sel=None):
+        """Read ``source_sel`` of the dataset into ``out[dest_sel]`` (float32, C-contiguous), converted by HDF5."""
+        try:
+            self._dataset.read_direct(out, source_sel, dest_sel)
+        except READ_ERRORS as exc:
+            raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
 
 
 def read_model_file(path):

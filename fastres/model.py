@@ -11,8 +11,9 @@ import numpy as np
 from . import architectures, kernels as K, limits
 from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
-from .graph import ACTIVATION_KINDS, attach_weights, infer_shapes
+from .graph import ACTIVATION_KINDS, StoredKernel, attach_weights, infer_shapes
 from .kerasfile import read_model_file
+from .kernels.conv import PANEL
 from .rewrites import rewrite
 
 
@@ -144,7 +145,7 @@ class Model:
         for op in self._ops:
             if op.kind in ("Conv2D", "Dense"):
                 kernel = op.weights[0]
-                self._packed[op.name] = K.pack_conv2d(kernel)
+                self._packed[op.name] = _pack_stored(kernel) if isinstance(kernel, StoredKernel) else K.pack_conv2d(kernel)
                 self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
                 op.weights = []  # only the packed copy stays in memory, released layer by layer
                 del kernel
@@ -320,6 +321,39 @@ class Model:
                                  + (f"; pass batch_size={fit} or less" if fit else ""))
             plan = plans[x.shape] = Plan(self, x.shape)
         return plan.run(x, out)
+
+
+def _pack_stored(kernel, chunk_bytes=1 << 20):
+    """``K.pack_conv2d`` of a kernel still in the file, read straight into its panels: no copy of the whole kernel.
+
+    The panels are ``[Cout/64][KH*KW*Cin][64]``: the kernel's rows (KH*KW*Cin of them, Cout wide) are read
+    about ``chunk_bytes`` at a time, each chunk a contiguous run of the dataset, into a small buffer, checked,
+    scaled by the folded batch-norms and copied into their place in every panel.
+    """
+    shape = kernel.shape if kernel.ndim == 4 else (1, 1, *kernel.shape)
+    *lead, cin, cout = kernel.shape
+    nblk, width = -(-cout // PANEL), -(-cout // PANEL) * PANEL
+    panels = K.aligned_empty((1, nblk, math.prod(shape[:3]), PANEL))
+    step = max(1, min(cin, chunk_bytes // (4 * width)))
+    rows = np.zeros((step, width), np.float32)  # zero past Cout: the last panel's padding
+    at = 0
+    for index in np.ndindex(*lead):
+        for c0 in range(0, cin, step):
+            n = min(step, cin - c0)
+            kernel.stored.read_into(rows, (*index, slice(c0, c0 + n), slice(None)), np.s_[:n, :cout])
+            kernel.check(rows[:n])
+            for scale in kernel.scales:  # in order: the same float32 products as on the whole kernel
+                rows[:n, :cout] *= scale
+            panels[0, :, at:at + n] = rows[:n].reshape(n, nblk, PANEL).transpose(1, 0, 2)
+            at += n
+    return K.PackedConv2D(_Shape(shape), panels, False)
+
+
+class _Shape:
+    """Stands for the kernel where ``K.PackedConv2D`` keeps only its shape."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
 
 
 def _layout(ops, output, shapes, n):

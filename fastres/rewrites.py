@@ -20,7 +20,8 @@ passes=...)``), as the tests do.
 import numpy as np
 
 from . import kernels as K
-from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, batch_norm_weights, infer_shapes
+from .graph import (ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, StoredKernel, batch_norm_weights,
+                    infer_shapes)
 
 
 class Graph:
@@ -129,7 +130,14 @@ def _kernel_and_bias(layer):
 
 
 def _scaled(g, kernel, scale):
-    """``kernel * scale`` (float32): in place when the graph owns the weights (``take_weights``), else a new array."""
+    """``kernel * scale`` (float32): in place when the graph owns the weights (``take_weights``), else a new array.
+
+    A kernel still in the file (``StoredKernel``) records a per-output-channel scale, applied when it is packed.
+    """
+    if isinstance(kernel, StoredKernel):
+        if scale.ndim == 1:
+            return kernel.scaled(scale)
+        kernel = kernel.read()
     if g.owns_weights and kernel.dtype == np.float32 and kernel.flags.writeable:
         kernel *= scale
         return kernel
@@ -153,7 +161,8 @@ def fold_into_producer(g):
             kernel, bias = _kernel_and_bias(producer)
             kernel = _scaled(g, kernel, layer.weights[0])
             producer.weights = [kernel, bias * scale + shift]
-        producer.weights = [w.astype(np.float32, copy=False) for w in producer.weights]
+        producer.weights = [w if isinstance(w, StoredKernel) else w.astype(np.float32, copy=False)
+                            for w in producer.weights]
         g.remove(layer, into=producer)
 
 
@@ -173,6 +182,8 @@ def fold_into_consumer(g):
         if reader.kind == "Conv2D" and shift.any() and _pads_zeros(reader):
             continue  # inexact: the padded border would not be shifted
         kernel, bias = _kernel_and_bias(reader)
+        if isinstance(kernel, StoredKernel):  # this fold needs the kernel itself (rare: a scale before a layer)
+            kernel = kernel.read()
         # conv(x * s + t) = conv_{w * s}(x) + sum over the window and input channels of w * t
         input_axis = kernel.ndim - 2
         if shift.any():

@@ -141,7 +141,7 @@ def attach_weights(layers, weights, input_shape, limit=None):
         raise ModelFormatError(f"the weights need {limits.human(total)}, over the memory limit of {limits.human(limit)}")
     for layer, expected, arrays in found:
         layer.weights = [StoredKernel(array, f"{layer.where}: {wname}")
-                         if wname == "kernel" and hasattr(array, "read_into") and array.size
+                         if wname == "kernel" and hasattr(array, "reader") and array.size
                          else array.read() if hasattr(array, "read") else np.asarray(array, np.float32)
                          for (wname, _), array in zip(expected, arrays)]
         for (wname, _), array in zip(expected, layer.weights):

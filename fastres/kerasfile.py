@@ -82,7 +82,10 @@ class StoredArray:
     """
 
     def __init__(self, dataset, where):
-        self._dataset, self.where = dataset, where
+        # checked now, read later: the dataset is closed in between (HDF5 holds ~13 KiB per open dataset,
+        # 4 MiB for ResNet50's 320) and opened again by its path, which was walked through hard links
+        self._file, self._name = dataset.file, dataset.name.encode("utf8")
+        self.where = where
         dsid = dataset.id  # h5py's low-level object: its properties cost less than the high-level ones
         shape = dsid.shape
         if shape is None:
@@ -113,15 +116,26 @@ class StoredArray:
         """The dataset as a float32 array (converted by HDF5 while reading, one copy)."""
         out = np.empty(self.shape, np.float32)
         if self.size:
-            self.read_into(out)
+            self.reader()(out)
         return out
 
-    def read_into(self, out, source_sel=None, dest_sel=None):
-        """Read ``source_sel`` of the dataset into ``out[dest_sel]`` (float32, C-contiguous), converted by HDF5."""
+    def reader(self):
+        """``read(out, source_sel=None, dest_sel=None)``: ``source_sel`` of the dataset into ``out[dest_sel]``.
+
+        ``out`` is a C-contiguous float32 array; HDF5 converts while reading.  The dataset stays open
+        as long as the function lives.
+        """
         try:
-            self._dataset.read_direct(out, source_sel, dest_sel)
+            dataset = _open(self._file, self._name)
         except READ_ERRORS as exc:
             raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
+
+        def read(out, source_sel=None, dest_sel=None):
+            try:
+                dataset.read_direct(out, source_sel, dest_sel)
+            except READ_ERRORS as exc:
+                raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
+        return read
 
 
 def read_model_file(path):

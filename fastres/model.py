@@ -336,11 +336,11 @@ def _pack_stored(kernel, chunk_bytes=1 << 20):
     panels = K.aligned_empty((1, nblk, math.prod(shape[:3]), PANEL))
     step = max(1, min(cin, chunk_bytes // (4 * width)))
     rows = np.zeros((step, width), np.float32)  # zero past Cout: the last panel's padding
-    at = 0
+    at, read = 0, kernel.stored.reader()
     for index in np.ndindex(*lead):
         for c0 in range(0, cin, step):
             n = min(step, cin - c0)
-            kernel.stored.read_into(rows, (*index, slice(c0, c0 + n), slice(None)), np.s_[:n, :cout])
+            read(rows, (*index, slice(c0, c0 + n), slice(None)), np.s_[:n, :cout])
             kernel.check(rows[:n])
             for scale in kernel.scales:  # in order: the same float32 products as on the whole kernel
                 rows[:n, :cout] *= scale

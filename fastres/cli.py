@@ -273,32 +273,47 @@ def _labels(filename, classes):
 
 # ---------------------------------------------------------------- bench
 
-def _startup(path, shape, threads, cold):
-    """Seconds from start to the first result, and peak memory, in a fresh process."""
+_CLOCK_START = "import json, resource, sys, time\nstart = time.perf_counter()\n"
+_CLOCK_STOP = (
+    "seconds = time.perf_counter() - start\n"
+    "try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+    "    peak = int(hwm.split()[1]) * 1024\n"
+    "except (OSError, IndexError):\n"
+    "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+    "print(json.dumps({'seconds': seconds, 'peak_bytes': peak}))\n"
+)
+
+
+def _fastres_first_result(path, shape, threads):
+    """Python source that loads ``path`` with fastres and runs one batch-1 pass of zeros (see ``_startup``)."""
+    return ("import numpy as np, fastres\n"
+            f"m = fastres.load({str(path)!r}, threads={threads!r})\n"
+            f"out = m.predict(np.zeros((1, {shape[0]}, {shape[1]}, {shape[2]}), np.float32))\n")
+
+
+def _startup(script, cold=False, what="fastres"):
+    """Seconds from start to the first result, and peak memory (VmHWM), of ``script`` in a fresh process.
+
+    ``script`` is Python source that imports an engine, loads the model and computes one result
+    (``_fastres_first_result``, ``peers.first_result_script``); the clock starts before its first import.
+    ``cold`` gives it an empty Numba cache.  Returns {"seconds", "peak_bytes"}.
+    """
     import subprocess
     import tempfile
 
-    code = (
-        "import json, resource, sys, time\n"
-        "start = time.perf_counter()\n"
-        "import numpy as np, fastres\n"
-        f"m = fastres.load({path!r}, threads={threads!r})\n"
-        f"m.predict(np.zeros((1, {shape[0]}, {shape[1]}, {shape[2]}), np.float32))\n"
-        "seconds = time.perf_counter() - start\n"
-        "try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)\n"
-        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-        "    peak = int(hwm.split()[1]) * 1024\n"
-        "except (OSError, IndexError):\n"
-        "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
-        "print(json.dumps({'seconds': seconds, 'peak_bytes': peak}))\n"
-    )
+    code = _CLOCK_START + script + _CLOCK_STOP
     env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as empty_cache:
         if cold:
             env["NUMBA_CACHE_DIR"] = empty_cache
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+        try:
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise FastresError(f"the start-up measurement of {what} took over 30 minutes") from None
     if run.returncode != 0:
-        raise FastresError(f"the start-up measurement failed: {run.stderr.strip().splitlines()[-1:]}")
+        raise FastresError(f"the start-up measurement of {what} failed: {run.stderr.strip().splitlines()[-1:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -317,6 +332,46 @@ def _time(label, forward, x, runs, warmup, progress):
     return np.asarray(out, np.float32), times
 
 
+def _run_peers(peers, path, threads, x, reference, args, results, folder, say):
+    """Time each peer into ``results``; returns the start-up script of each peer that ran (name -> source).
+
+    The ONNX peers share one conversion of the model, written to ``folder`` beforehand.
+    """
+    from .peers import ONNX_PEERS, export_onnx, first_result_script, peer_forward
+
+    quiet = args.json == "-"
+    onnx, scripts = None, {}
+    for name in peers:
+        try:
+            say(f"preparing {name} ...")
+            if name in ONNX_PEERS and onnx is None:
+                onnx = export_onnx(path, folder, threads)
+            forward = peer_forward(name, path, threads, onnx=onnx if name in ONNX_PEERS else None)
+        except ImportError as exc:
+            results[name] = {"status": f"not installed ({exc.name or exc})"}
+            continue
+        except Exception as exc:  # a peer that cannot run this model is reported, not fatal
+            results[name] = {"status": f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
+            continue
+        out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
+        del forward  # its memory is not the next peer's
+        results[name] = {"status": "ok", "times": peer_times, "max_abs_diff": float(np.abs(out - reference).max()),
+                         "reference_max_abs": float(np.abs(reference).max())}
+        scripts[name] = first_result_script(name, path, x.shape[1:], threads, onnx if name in ONNX_PEERS else None)
+    return scripts
+
+
+def _startup_rows(results):
+    """Table rows (engine, first result s, peak MiB) of the engines whose start-up was measured or failed."""
+    rows = []
+    for name, r in results.items():
+        if "first_result_seconds_warm" in r:
+            rows.append((name, f"{r['first_result_seconds_warm']:.2f}", f"{r['peak_memory_bytes'] / 2**20:.0f}"))
+        elif "startup_status" in r:
+            rows.append((name, "-", r["startup_status"]))
+    return rows
+
+
 def _bench(args):
     peers = [p.strip().lower() for p in args.compare.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
@@ -329,31 +384,27 @@ def _bench(args):
 
     threads = args.threads or get_num_threads()
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
-    from .peers import peer_forward
-
     say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads")
     reference, times = _time("fastres", model.predict, x, args.runs, args.warmup, not quiet)
     results = {"fastres": {"status": "ok", "times": times}}
-    for name in peers:
-        try:
-            say(f"preparing {name} ...")
-            forward = peer_forward(name, path, threads)
-        except ImportError as exc:
-            results[name] = {"status": f"not installed ({exc.name or exc})"}
-            continue
-        except Exception as exc:  # a peer that cannot run this model is reported, not fatal
-            results[name] = {"status": f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
-            continue
-        out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
-        results[name] = {"status": "ok", "times": peer_times, "max_abs_diff": float(np.abs(out - reference).max()),
-                         "reference_max_abs": float(np.abs(reference).max())}
-    say("measuring this machine's FMA peak and read bandwidth ...")
-    from .kernels import roofline
+    import tempfile
 
-    machine = roofline.machine()
-    say("measuring start-up in fresh processes ...")
-    warm = _startup(path, shape, args.threads, cold=False)
-    cold = None if args.no_cold else _startup(path, shape, args.threads, cold=True)
+    with tempfile.TemporaryDirectory() as folder:  # the ONNX peers' model, converted once
+        scripts = _run_peers(peers, path, threads, x, reference, args, results, folder, say)
+        say("measuring this machine's FMA peak and read bandwidth ...")
+        from .kernels import roofline
+
+        machine = roofline.machine()
+        say("measuring start-up in fresh processes ...")
+        warm = _startup(_fastres_first_result(path, shape, args.threads))
+        cold = None if args.no_cold else _startup(_fastres_first_result(path, shape, args.threads), cold=True)
+        results["fastres"].update(first_result_seconds_warm=warm["seconds"], peak_memory_bytes=warm["peak_bytes"])
+        for name, script in scripts.items():
+            try:
+                start = _startup(script, what=name)
+                results[name].update(first_result_seconds_warm=start["seconds"], peak_memory_bytes=start["peak_bytes"])
+            except FastresError as exc:  # reported beside the peer's times, not fatal
+                results[name]["startup_status"] = str(exc)
     fast_median = float(np.median(times))
     for name, r in results.items():
         if r["status"] == "ok":
@@ -388,6 +439,10 @@ def _bench(args):
               + ("" if cold is None else f", {cold['seconds']:.2f} s cold (compiling every kernel)"))
         print(f"peak memory (fresh process, load + one batch-1 pass): {warm['peak_bytes'] / 2**20:.0f} MiB; "
               f"weights {model.weights_bytes / 2**20:.0f} MiB")
+        if len(results) > 1:
+            print("start-up, each engine in a fresh process (import, load, one batch-1 pass; warm Numba cache; "
+                  "the ONNX peers' conversion done beforehand, not counted):")
+            print(_table(["engine", "first result s", "peak MiB"], _startup_rows(results)))
     if args.plot:
         _plot(report, args.plot)
         say(f"plot written to {args.plot}")

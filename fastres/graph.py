@@ -140,13 +140,61 @@ def attach_weights(layers, weights, input_shape, limit=None):
     if total > limit:
         raise ModelFormatError(f"the weights need {limits.human(total)}, over the memory limit of {limits.human(limit)}")
     for layer, expected, arrays in found:
-        layer.weights = [array.read() if hasattr(array, "read") else np.asarray(array, np.float32) for array in arrays]
+        layer.weights = [StoredKernel(array, f"{layer.where}: {wname}")
+                         if wname == "kernel" and hasattr(array, "reader") and array.size
+                         else array.read() if hasattr(array, "read") else np.asarray(array, np.float32)
+                         for (wname, _), array in zip(expected, arrays)]
         for (wname, _), array in zip(expected, layer.weights):
-            if not np.isfinite(array).all():
+            if isinstance(array, StoredKernel):
+                continue  # checked as it is read, when it is packed
+            if not _all_finite(array):
                 raise ModelFormatError(f"{layer.where}: {wname} holds NaN or infinity")
             if wname in ("moving_variance", "variance") and (array < 0).any():
                 raise ModelFormatError(f"{layer.where}: {wname} holds negative values")
     return shapes
+
+
+class StoredKernel:
+    """A Conv2D or Dense kernel left in the file until the model packs it, straight into its panels.
+
+    ``stored`` is the file's dataset (``kerasfile.StoredArray``, shape checked); ``scales`` are the
+    per-output-channel float32 factors folded into the kernel since (batch-norms after the
+    convolution), applied in order to the packed weights: the same float32 products as on the
+    kernel itself.  ``read()`` gives the folded (KH, KW, Cin, Cout) or (Cin, Cout) array, for a
+    fold that needs the kernel as it is (``rewrites.fold_into_consumer``).
+    """
+
+    def __init__(self, stored, where, scales=()):
+        self.stored, self.where, self.scales = stored, where, tuple(scales)
+        self.shape, self.ndim, self.size, self.nbytes = stored.shape, stored.ndim, stored.size, stored.nbytes
+        self.dtype = np.dtype(np.float32)
+
+    def scaled(self, scale):
+        """This kernel times ``scale`` (float32 (Cout,)), still unread."""
+        return StoredKernel(self.stored, self.where, (*self.scales, scale))
+
+    def check(self, array):
+        """Raise ModelFormatError when ``array`` (this kernel as read, before scaling) holds NaN or infinity."""
+        if not _all_finite(array):
+            raise ModelFormatError(f"{self.where} holds NaN or infinity")
+
+    def read(self):
+        array = self.stored.read()
+        self.check(array)
+        for scale in self.scales:
+            array *= scale
+        return array
+
+
+def _all_finite(array):
+    """True when ``array`` holds no NaN or infinity.
+
+    One pass and no temporary: any NaN or infinity makes the sum NaN or infinite; a finite
+    array whose sum overflows is checked value by value.
+    """
+    with np.errstate(all="ignore"):
+        total = np.add.reduce(array, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
 
 
 def batch_norm_weights(layer):

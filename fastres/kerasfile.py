@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
-from h5py import h5l, h5z
+from h5py import h5d, h5i, h5l, h5o, h5z
 
 from . import limits
 from .errors import ModelFormatError
@@ -82,24 +82,28 @@ class StoredArray:
     """
 
     def __init__(self, dataset, where):
-        self._dataset, self.where = dataset, where
-        shape = dataset.shape
+        # checked now, read later: the dataset is closed in between (HDF5 holds ~13 KiB per open dataset,
+        # 4 MiB for ResNet50's 320) and opened again by its path, which was walked through hard links
+        self._file, self._name = dataset.file, dataset.name.encode("utf8")
+        self.where = where
+        dsid = dataset.id  # h5py's low-level object: its properties cost less than the high-level ones
+        shape = dsid.shape
         if shape is None:
             raise ModelFormatError(f"{where} is an empty (null) dataset")
         self.shape = tuple(int(d) for d in shape)
-        self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=object))
-        dtype = dataset.dtype
+        self.ndim, self.size = len(self.shape), math.prod(self.shape)
+        dtype = dsid.dtype
         if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
             raise ModelFormatError(f"{where} holds {dtype} values; weights must be real numbers")
-        plist = dataset.id.get_create_plist()
-        if dataset.is_virtual:
+        plist = dsid.get_create_plist()
+        if plist.get_layout() == h5d.VIRTUAL:
             raise ModelFormatError(f"{where} is a virtual dataset (its data lives in other files); refused")
         if plist.get_external_count():
             raise ModelFormatError(f"{where} keeps its data in an external file; fastres reads only the model file")
         filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
         if any(f not in SAFE_FILTERS for f in filters):
             raise ModelFormatError(f"{where} uses HDF5 filter {filters}; only deflate, shuffle and fletcher32 are read")
-        stored, declared = dataset.id.get_storage_size(), self.size * dtype.itemsize
+        stored, declared = dsid.get_storage_size(), self.size * dtype.itemsize
         if not filters and self.size and stored != declared:
             raise ModelFormatError(f"{where} declares {limits.human(declared)} of data but stores {limits.human(stored)}")
 
@@ -112,11 +116,26 @@ class StoredArray:
         """The dataset as a float32 array (converted by HDF5 while reading, one copy)."""
         out = np.empty(self.shape, np.float32)
         if self.size:
+            self.reader()(out)
+        return out
+
+    def reader(self):
+        """``read(out, source_sel=None, dest_sel=None)``: ``source_sel`` of the dataset into ``out[dest_sel]``.
+
+        ``out`` is a C-contiguous float32 array; HDF5 converts while reading.  The dataset stays open
+        as long as the function lives.
+        """
+        try:
+            dataset = _open(self._file, self._name)
+        except READ_ERRORS as exc:
+            raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
+
+        def read(out, source_sel=None, dest_sel=None):
             try:
-                self._dataset.read_direct(out)
+                dataset.read_direct(out, source_sel, dest_sel)
             except READ_ERRORS as exc:
                 raise ModelFormatError(f"{self.where} cannot be read: {exc}") from None
-        return out
+        return read
 
 
 def read_model_file(path):
@@ -176,8 +195,19 @@ def _child(group, name):
             what = {h5l.TYPE_SOFT: "a soft link", h5l.TYPE_EXTERNAL: "an external link (to another file)"}
             raise ModelFormatError(f"{node.name.rstrip('/')}/{part} is {what.get(kind, 'a user-defined link')}; "
                                    "fastres follows only hard links, inside the model file")
-        node = node[part]
+        node = _open(node, key)
     return node
+
+
+def _open(group, key):
+    """``group[key]`` through h5py's low-level calls (h5py's ``__getitem__`` also builds a File per call)."""
+    oid = h5o.open(group.id, key)
+    kind = h5i.get_type(oid)
+    if kind == h5i.GROUP:
+        return h5py.Group(oid)
+    if kind == h5i.DATASET:
+        return h5py.Dataset(oid, readonly=True)
+    return h5py.Datatype(oid)
 
 
 def _group(parent, name, where):

@@ -1,5 +1,6 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
 import contextlib
+import copy
 import math
 import threading
 import time
@@ -10,8 +11,9 @@ import numpy as np
 from . import architectures, kernels as K, limits
 from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
-from .graph import ACTIVATION_KINDS, attach_weights, infer_shapes
+from .graph import ACTIVATION_KINDS, StoredKernel, attach_weights, infer_shapes
 from .kerasfile import read_model_file
+from .kernels.conv import PANEL
 from .rewrites import rewrite
 
 
@@ -143,7 +145,7 @@ class Model:
         for op in self._ops:
             if op.kind in ("Conv2D", "Dense"):
                 kernel = op.weights[0]
-                self._packed[op.name] = K.pack_conv2d(kernel)
+                self._packed[op.name] = _pack_stored(kernel) if isinstance(kernel, StoredKernel) else K.pack_conv2d(kernel)
                 self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
                 op.weights = []  # only the packed copy stays in memory, released layer by layer
                 del kernel
@@ -321,6 +323,39 @@ class Model:
         return plan.run(x, out)
 
 
+def _pack_stored(kernel, chunk_bytes=1 << 20):
+    """``K.pack_conv2d`` of a kernel still in the file, read straight into its panels: no copy of the whole kernel.
+
+    The panels are ``[Cout/64][KH*KW*Cin][64]``: the kernel's rows (KH*KW*Cin of them, Cout wide) are read
+    about ``chunk_bytes`` at a time, each chunk a contiguous run of the dataset, into a small buffer, checked,
+    scaled by the folded batch-norms and copied into their place in every panel.
+    """
+    shape = kernel.shape if kernel.ndim == 4 else (1, 1, *kernel.shape)
+    *lead, cin, cout = kernel.shape
+    nblk, width = -(-cout // PANEL), -(-cout // PANEL) * PANEL
+    panels = K.aligned_empty((1, nblk, math.prod(shape[:3]), PANEL))
+    step = max(1, min(cin, chunk_bytes // (4 * width)))
+    rows = np.zeros((step, width), np.float32)  # zero past Cout: the last panel's padding
+    at, read = 0, kernel.stored.reader()
+    for index in np.ndindex(*lead):
+        for c0 in range(0, cin, step):
+            n = min(step, cin - c0)
+            read(rows, (*index, slice(c0, c0 + n), slice(None)), np.s_[:n, :cout])
+            kernel.check(rows[:n])
+            for scale in kernel.scales:  # in order: the same float32 products as on the whole kernel
+                rows[:n, :cout] *= scale
+            panels[0, :, at:at + n] = rows[:n].reshape(n, nblk, PANEL).transpose(1, 0, 2)
+            at += n
+    return K.PackedConv2D(_Shape(shape), panels, False)
+
+
+class _Shape:
+    """Stands for the kernel where ``K.PackedConv2D`` keeps only its shape."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
 def _layout(ops, output, shapes, n):
     """Buffers of one forward pass: (slot of each value, size of each slot in floats).
 
@@ -354,24 +389,29 @@ def _layout(ops, output, shapes, n):
 
 
 def _scratch_bytes(op, shapes, input_shape, n):
-    """An upper estimate of the scratch a Conv2D or Dense plan allocates: tile starts, padded input, Winograd blocks.
+    """An upper estimate of the scratch a Conv2D or Dense plan allocates, by kind (bytes).
 
-    The Winograd kernel packing is a weight, made once per layer, and not counted here.
+    "own": its tile starts; "padded": its padded input; "v", "m": its Winograd blocks.  A plan's
+    convolutions share one buffer of each of the last three kinds (``_SharedScratch``), so a plan
+    needs the largest of each.  The Winograd kernel packing is a weight, made once per layer, and
+    not counted here.
     """
+    found = {"own": 0, "padded": 0, "v": 0, "m": 0}
     if op.kind not in ("Conv2D", "Dense"):
-        return 0
+        return found
     x = shapes[op.inputs[0]] if op.inputs else input_shape
     out = shapes[op.name]
-    total = 8 * (n * math.prod(out[:-1]) + 64)  # the tile starts, int64
+    found["own"] = 8 * (n * math.prod(out[:-1]) + 64)  # the tile starts, int64
     if op.kind == "Conv2D":
         (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]
         winograd = (kh, kw) == (3, 3) and op.attrs["stride"] == 1
         if any(op.pads) or winograd or op.attrs["padding"] == "same" and (kh, kw) != (1, 1):
             rows, cols = x[0] + sum(op.pads[:2]) + kh + 6, x[1] + sum(op.pads[2:]) + kw + 6  # "same", whole blocks
-            total += 4 * n * rows * cols * cin
+            found["padded"] = 4 * n * rows * cols * cin
         if winograd:
-            total += 4 * 36 * -(-out[0] // 4) * -(-out[1] // 4) * (cin + cout) * min(n, 8)
-    return total
+            blocks = 36 * -(-out[0] // 4) * -(-out[1] // 4) * min(n, 8)
+            found["v"], found["m"] = 4 * blocks * cin, 4 * blocks * cout
+    return found
 
 
 def plan_bytes(ops, output, shape):
@@ -379,8 +419,42 @@ def plan_bytes(ops, output, shape):
     shapes = infer_shapes(ops, shape[1:])
     n = shape[0]
     _, slots = _layout(ops, output, shapes, n)
-    scratch = sum(_scratch_bytes(op, shapes, shape[1:], n) for op in ops)
-    return 4 * (sum(slots) + n * math.prod(shapes[output])) + scratch
+    scratch = [_scratch_bytes(op, shapes, shape[1:], n) for op in ops]
+    shared = sum(max((s.get(kind, 0) for s in scratch), default=0) for kind in _SharedScratch.KINDS)
+    return 4 * (sum(slots) + n * math.prod(shapes[output])) + sum(s["own"] for s in scratch) + shared
+
+
+class _SharedScratch:
+    """One buffer per kind of convolution scratch, shared by all the convolutions of a plan.
+
+    A Conv2DPlan's padded input (``padded``), Winograd blocks (``v``, ``m``) and im2col columns
+    (``cols``) are written whole before they are read, within its own call, and a plan runs
+    one convolution at a time (a plan belongs to one thread): they can all live in the same
+    memory.  ``share`` points a convolution's buffers at the plan's (its own are released at
+    once); ``finish`` points every convolution at the final, largest buffer of each kind.
+    """
+
+    KINDS = ("padded", "v", "m", "cols")
+
+    def __init__(self):
+        self.buffers, self.users = {}, []
+
+    def share(self, conv):
+        for kind in self.KINDS:
+            own = getattr(conv, kind, None)
+            if not isinstance(own, np.ndarray) or own.size == 0:
+                continue
+            key = (kind, own.dtype.str)
+            buffer = self.buffers.get(key)
+            if buffer is None or buffer.size < own.size:  # earlier users move to the new one in ``finish``
+                buffer = self.buffers[key] = K.aligned_empty(own.size, own.dtype)
+            setattr(conv, kind, buffer[:own.size].reshape(own.shape))
+            self.users.append((conv, kind, key, own.shape))
+
+    def finish(self):
+        for conv, kind, key, shape in self.users:
+            setattr(conv, kind, self.buffers[key][:math.prod(shape)].reshape(shape))
+        self.users = []
 
 
 class Plan:
@@ -395,15 +469,17 @@ class Plan:
         values = {name: stores[slot][:n * math.prod(shapes[name])].reshape((n, *shapes[name]))
                   for name, slot in slot_of.items()}
         self.steps, self.names, self.kernels = [], [], {}
+        scratch = _SharedScratch()
         for op in ops:
             if op.kind == "InputLayer":
                 self.input = values[op.name]
             elif op.kind != "Flatten":  # a Flatten is a view of its input's buffer
                 ins = [values[name] for name in op.inputs]
-                steps = _steps(model, op, ins, values[op.name], values.get(op.residual))
+                steps = _steps(model, op, ins, values[op.name], values.get(op.residual), scratch)
                 self.kernels.update({op.name: step.kernel for step in steps if hasattr(step, "kernel")})
                 self.steps.extend(steps)
                 self.names.extend([op.name] * len(steps))
+        scratch.finish()
         self.output = values[output]
 
     def run(self, x, out=None):
@@ -415,6 +491,20 @@ class Plan:
             return self.output.copy()
         out[...] = self.output
         return out
+
+
+def _release_direct(model, name, conv):
+    """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size.
+
+    The model's packing is replaced by a copy without the direct panels, and every later plan runs
+    this layer as Winograd (possible for any input size; it may be slower than the direct kernel on
+    very small inputs, and rounds differently, about 1e-5 of the output).  A plan made before keeps
+    the packing it was made with, so it still runs: the direct panels are freed with the last of them.
+    """
+    winograd_only = copy.copy(conv.packed)
+    winograd_only.panels = None
+    conv.packed = winograd_only
+    model._packed[name] = winograd_only
 
 
 def _activation_step(act, out, inp):
@@ -430,7 +520,7 @@ def _activation_step(act, out, inp):
     return lambda: K.activation_forward(flat_out, flat_in, kind, *args)
 
 
-def _steps(model, op, ins, out, residual):
+def _steps(model, op, ins, out, residual, scratch):
     """The kernel calls of one fused operation, as closures over its buffers.
 
     The convolution, scale-shift and add kernels apply a plain ReLU while storing; any other
@@ -453,7 +543,10 @@ def _steps(model, op, ins, out, residual):
                 _, pl, pr = K.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
                 t, b, l, r = t + pt, b + pb, l + pl, r + pr
             pads = (t, b, l, r)
-        conv = K.Conv2DPlan(packed, x4.shape, stride, pads)
+        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=True if packed.panels is None else None)
+        if conv.winograd and packed.panels is not None:
+            _release_direct(model, op.name, conv)
+        scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))
         steps[-1].kernel = conv.kernel

@@ -20,7 +20,8 @@ passes=...)``), as the tests do.
 import numpy as np
 
 from . import kernels as K
-from .graph import ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, batch_norm_weights, infer_shapes
+from .graph import (ACTIVATION_KINDS, AFFINE_KINDS, IDENTITY_KINDS, Layer, StoredKernel, batch_norm_weights,
+                    infer_shapes)
 
 
 class Graph:
@@ -29,9 +30,10 @@ class Graph:
     def __init__(self, layers, output, input_shape, take_weights=False):
         self.layers = [Layer(l.name, l.kind, list(l.inputs), dict(l.attrs), list(l.weights), l.activation,
                              l.residual, l.pads, list(l.folded), l.key) for l in layers]
-        if take_weights:  # the graph holds the only reference: a folded array replaces its source
+        if take_weights:  # the graph holds the only reference: kernels are folded in place
             for layer in layers:
                 layer.weights = []
+        self.owns_weights = take_weights
         self.output = output
         self.shapes = infer_shapes(self.layers, input_shape)
         self.renamed = {}
@@ -127,6 +129,21 @@ def _kernel_and_bias(layer):
     return kernel, bias
 
 
+def _scaled(g, kernel, scale):
+    """``kernel * scale`` (float32): in place when the graph owns the weights (``take_weights``), else a new array.
+
+    A kernel still in the file (``StoredKernel``) records a per-output-channel scale, applied when it is packed.
+    """
+    if isinstance(kernel, StoredKernel):
+        if scale.ndim == 1:
+            return kernel.scaled(scale)
+        kernel = kernel.read()
+    if g.owns_weights and kernel.dtype == np.float32 and kernel.flags.writeable:
+        kernel *= scale
+        return kernel
+    return kernel * scale
+
+
 def fold_into_producer(g):
     for layer in list(g.layers):
         if layer.kind != "ScaleShift" or not layer.activation.linear:
@@ -140,10 +157,12 @@ def fold_into_producer(g):
             producer.weights = [first * scale, second * scale + shift]
         else:
             # float32 * float32 rounds once, as the float64 product rounded to float32 would: the
-            # same kernel without a float64 copy of it
+            # same kernel without a float64 copy of it (nor any copy, when the graph owns it)
             kernel, bias = _kernel_and_bias(producer)
-            producer.weights = [kernel * layer.weights[0], bias * scale + shift]
-        producer.weights = [w.astype(np.float32, copy=False) for w in producer.weights]
+            kernel = _scaled(g, kernel, layer.weights[0])
+            producer.weights = [kernel, bias * scale + shift]
+        producer.weights = [w if isinstance(w, StoredKernel) else w.astype(np.float32, copy=False)
+                            for w in producer.weights]
         g.remove(layer, into=producer)
 
 
@@ -163,11 +182,13 @@ def fold_into_consumer(g):
         if reader.kind == "Conv2D" and shift.any() and _pads_zeros(reader):
             continue  # inexact: the padded border would not be shifted
         kernel, bias = _kernel_and_bias(reader)
+        if isinstance(kernel, StoredKernel):  # this fold needs the kernel itself (rare: a scale before a layer)
+            kernel = kernel.read()
         # conv(x * s + t) = conv_{w * s}(x) + sum over the window and input channels of w * t
         input_axis = kernel.ndim - 2
         if shift.any():
             bias = bias + np.tensordot(kernel, shift, axes=([input_axis], [0])).reshape(-1, kernel.shape[-1]).sum(axis=0)
-        kernel = kernel * layer.weights[0].reshape((-1, 1))  # float32, rounded once (see fold_into_producer)
+        kernel = _scaled(g, kernel, layer.weights[0].reshape((-1, 1)))  # float32, rounded once (see fold_into_producer)
         reader.weights = [kernel, bias.astype(np.float32)]
         g.remove(layer, into=reader)
         reader.folded.insert(0, reader.folded.pop())  # it ran before the reader
@@ -209,8 +230,8 @@ PASSES = (drop_identities, to_scale_shift, fold_padding, fold_into_producer, fol
 def rewrite(layers, output, input_shape, passes=PASSES, take_weights=False):
     """Run ``passes`` over a copy of the layers; returns the new layers (topologically ordered) and output.
 
-    ``take_weights`` empties the given layers' weight lists, so that each array the passes
-    replace is released at once (one copy of the weights, not two).
+    ``take_weights`` empties the given layers' weight lists and lets the passes fold the kernels in
+    place, so that the weights are never copied (one copy of the weights, not two).
     """
     g = Graph(layers, output, input_shape, take_weights)
     for step in passes:

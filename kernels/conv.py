@@ -17,7 +17,7 @@ from ._im2col import im2col_forward
 from ._tile import store_tile
 from ._numba import (CPU_NAME, ISA, PANEL, TILE, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
                      stack_f32, stack_u64)
-from .winograd import input_transform_forward, output_transform_forward, transform_kernel
+from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_FLOATS = 16  # float32 per 64-byte cache line
 PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
@@ -83,7 +83,7 @@ class PackedConv2D:
     def winograd_panels(self):
         """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
         if self._winograd is None:
-            self._winograd = _pack(transform_kernel(self.unpacked()))  # from (36, Cin, Cout)
+            self._winograd = pack_transformed(self.unpacked(), PANEL)  # transformed panel by panel
         return self._winograd
 
 

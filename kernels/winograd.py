@@ -11,6 +11,7 @@ about 1e-6).
 import numpy as np
 from numba import carray, prange
 
+from . import _memory
 from ._numba import VECTOR_FLOATS, inline, jit, pjit, stack_f32
 
 LANES = VECTOR_FLOATS  # channels transformed at once, in stack buffers the loops vectorise over
@@ -26,6 +27,39 @@ def transform_kernel(w):
     """(3, 3, Cin, Cout) kernel -> (36, Cin, Cout) transformed kernel ``G g G^T``."""
     u = np.einsum("ai,ijco,bj->abco", _G, w.astype(np.float64), _G)
     return u.reshape(36, *w.shape[2:]).astype(np.float32)
+
+
+def _combine(coefficients, terms):
+    """``sum(c * t)`` over the non-zero coefficients (a zero term adds nothing; ``G`` is a third zeros)."""
+    total = None
+    for c, t in zip(coefficients, terms):
+        if c:
+            total = c * t if total is None else total + c * t
+    return total
+
+
+def pack_transformed(w, panel):
+    """``transform_kernel(w)`` packed as the direct kernel packs its weights, made one panel at a time.
+
+    Returns float32 (36, ceil(Cout / panel), Cin, panel), 64-byte aligned, zero past Cout: the
+    ``(S, nblk, K, 64)`` panels of ``conv.pack_conv2d`` with a weight set per product.  Each panel
+    is transformed in float64 with elementwise operations (no BLAS, whose threads would spin beside
+    Numba's; no einsum, which took 20 ms per 256-channel layer), so the transient memory is a few
+    panels' worth rather than two float64 copies of the whole transformed kernel.
+    """
+    _, _, cin, cout = w.shape
+    nblk = -(-cout // panel)
+    out = _memory.empty((36, nblk, cin, panel))
+    for blk in range(nblk):
+        c0 = blk * panel
+        k = min(panel, cout - c0)
+        g = w[:, :, :, c0:c0 + k].astype(np.float64)                    # (3 rows i, 3 columns j, Cin, k)
+        t = np.stack([_combine(_G[a], g) for a in range(6)])            # G g: (6 rows a, 3 columns j, Cin, k)
+        for b in range(6):                                               # (G g G^T)[a, b] for every a at once
+            out[b::6, blk, :, :k] = _combine(_G[b], t.transpose(1, 0, 2, 3))
+        if k < panel:
+            out[:, blk, :, k:] = 0.0
+    return out
 
 
 # float32 constants: a Python float would promote the arithmetic to float64

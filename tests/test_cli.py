@@ -79,6 +79,33 @@ def test_bench_compare_json_and_plot(env, default_model, tmp_path):
     ort = engines["onnxruntime"]
     assert ort["status"] == "ok" or ort["status"].startswith("not installed")  # reported, never faked
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every engine that ran has its own start-up, measured the same way: a fresh process, load, one result
+    for name, engine in engines.items():
+        if engine["status"] == "ok":
+            assert engine["first_result_seconds_warm"] > 0 and engine["peak_memory_bytes"] > 2**20, name
+    assert engines["fastres"]["first_result_seconds_warm"] == report["first_result_seconds_warm"]
+    assert engines["fastres"]["peak_memory_bytes"] == report["peak_memory_bytes"]
+
+
+def test_startup_measurement_and_table():
+    """The start-up plumbing with a stand-in engine: a fresh process, its own clock and peak memory."""
+    from fastres import FastresError, cli, peers
+
+    start = cli._startup("out = bytearray(64 << 20)\n", what="stand-in")  # touches 64 MiB
+    assert 0 < start["seconds"] < 60 and start["peak_bytes"] >= 64 << 20
+    with pytest.raises(FastresError, match="start-up measurement of stand-in failed.*ZeroDivisionError"):
+        cli._startup("out = 1 / 0\n", what="stand-in")
+    # a peer's script loads the peers module alone: fastres's own imports are not counted against it
+    script = peers.first_result_script("onnxruntime", "model.h5", (8, 8, 3), 2, "model.onnx")
+    head = script[:script.index("import numpy")]
+    cli._startup(head + "import sys\nassert 'fastres' not in sys.modules and 'numba' not in sys.modules\n"
+                 "assert peers.PEERS == " + repr(peers.PEERS) + "\n", what="peers module")
+    assert "peer_forward('onnxruntime', 'model.h5', 2, 'model.onnx')" in script
+    results = {"fastres": {"status": "ok", "first_result_seconds_warm": 0.914, "peak_memory_bytes": 250 << 20},
+               "openvino": {"status": "ok", "startup_status": "the start-up measurement of openvino failed: ..."},
+               "onnxruntime": {"status": "not installed (onnxruntime)"}}
+    rows = cli._startup_rows(results)
+    assert rows == [("fastres", "0.91", "250"), ("openvino", "-", "the start-up measurement of openvino failed: ...")]
 
 
 def test_default_model_loads_in_keras(default_model):

@@ -219,3 +219,66 @@ def test_threads_argument(small):
     assert fastres.get_num_threads() == before  # the count belongs to the model (tests/test_hostile_files.py)
     with pytest.raises(fastres.FastresError, match="between 1 and"):
         fastres.load(path, threads=0)
+
+
+def test_one_packing_per_convolution(rng):
+    """A 3x3 convolution keeps the weights its plans run: once a plan runs it as Winograd, its direct
+    packing goes and later plans run Winograd too, at any size; a plan made before keeps its own."""
+    import naive
+    from conftest import assert_close
+    from fastres.graph import Activation, Layer
+
+    w = (rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+
+    def model():
+        layers = [Layer("input", "InputLayer", []),
+                  Layer("c", "Conv2D", ["input"], dict(filters=64, kernel=(3, 3), stride=1, padding="same",
+                                                      use_bias=True, activation=Activation("relu")), [w.copy(), b])]
+        return fastres.Model(layers, "c", (None, None, 64), "test", "", "<test>")
+
+    small, big = images((1, 8, 8, 64), seed=5), images((1, 56, 56, 64), seed=6)
+    expected = {x.shape: naive.conv2d(x, w, b, padding="same", relu=True) for x in (small, big)}
+    fr = model()
+    assert_close(fr.predict(small), expected[small.shape])       # too small for Winograd: direct
+    assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
+    assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd: the direct panels are released
+    assert fr._local.plans[big.shape].kernels["c"].startswith("winograd") and fr._packed["c"].panels is None
+    assert_close(fr.predict(small), expected[small.shape])       # the plan made before still runs direct
+    fr._local.plans.clear()
+    assert_close(fr.predict(small), expected[small.shape], rtol=1e-4)  # a new plan: Winograd, the packing there is
+    assert fr._local.plans[small.shape].kernels["c"].startswith("winograd")
+    odd, done = images((2, 5, 7, 64), seed=7), []
+    thread = threading.Thread(target=lambda: done.append(fr.predict(odd)))  # its own plans, Winograd too
+    thread.start()
+    thread.join()
+    assert_close(done[0], naive.conv2d(odd, w, b, padding="same", relu=True), rtol=1e-4)
+    fresh = model()
+    fresh.predict(small)
+    assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd is None  # direct only
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])
+def test_kernels_read_straight_into_panels(chunk_bytes, files, monkeypatch):
+    """load reads each kernel from the file into its packed panels, batch-norms folded there, a chunk of rows
+    at a time: the very weights that folding the whole kernel and packing it gives."""
+    from fastres import kernels as K, limits, model as M
+    from fastres.kerasfile import read_model_file
+    from fastres.rewrites import rewrite
+
+    keras = km.keras3()
+    path = files / "panels.h5"
+    if not path.exists():
+        build_and_save(keras, lambda: km.rare_options(keras), 8, path)
+    real = M._pack_stored
+    monkeypatch.setattr(M, "_pack_stored", lambda kernel: real(kernel, chunk_bytes))
+    fr = fastres.load(path)
+    with read_model_file(path) as data:  # the reference: every array read whole, folded, then packed
+        layers, output, shape = M._graph(path, data, None, "softmax", limits.memory_limit())
+        for layer in layers:
+            layer.weights = [w.read() if hasattr(w, "read") else w for w in layer.weights]
+        ops, _ = rewrite(layers, output, shape)
+    packed = [op for op in ops if op.kind in ("Conv2D", "Dense")]
+    assert len(packed) == 4 and any(op.folded for op in packed)  # three convolutions (two with a batch-norm), a dense
+    for op in packed:
+        np.testing.assert_array_equal(fr._packed[op.name].panels, K.pack_conv2d(op.weights[0]).panels)

@@ -1,13 +1,16 @@
 """The peer engines that ``fastres bench`` and the benchmarks time beside fastres.
 
 Every peer starts from the same Keras file through TensorFlow: TensorFlow runs it through Keras under
-``tf.function``; ONNX Runtime and OpenVINO (pinned to fp32) run it converted by tf2onnx.  Install them
+``tf.function``; ONNX Runtime and OpenVINO run it converted by tf2onnx, OpenVINO pinned to fp32
+(``openvino``) or asked for bf16 (``openvino-bf16``: ``INFERENCE_PRECISION_HINT`` bf16, which it
+honours where the CPU has AVX512-BF16 or AMX and otherwise runs in fp32).  Install them
 with ``pip install 'fastres[bench]'``; nothing in fastres's core imports this module.
 """
 import os
 import tempfile
 
-PEERS = ("tensorflow", "onnxruntime", "openvino")
+PEERS = ("tensorflow", "onnxruntime", "openvino", "openvino-bf16")
+PEER_PRECISION = {"tensorflow": "fp32", "onnxruntime": "fp32", "openvino": "fp32", "openvino-bf16": "bf16"}
 
 
 def peer_forward(name, path, threads=None):
@@ -15,7 +18,7 @@ def peer_forward(name, path, threads=None):
 
     Parameters
     ----------
-    name : {"tensorflow", "onnxruntime", "openvino"}
+    name : {"tensorflow", "onnxruntime", "openvino", "openvino-bf16"}
         The engine.
     path : str
         A Keras ``.h5`` or ``.keras`` file.
@@ -56,7 +59,7 @@ def peer_forward(name, path, threads=None):
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
     if name == "onnxruntime":
         return _onnxruntime(proto, threads)
-    return _openvino(proto, threads)
+    return _openvino(proto, threads, "bf16" if name == "openvino-bf16" else "f32")
 
 
 def _onnxruntime(proto, threads):
@@ -70,7 +73,7 @@ def _onnxruntime(proto, threads):
     return lambda x: session.run(None, {input_name: x})[0]
 
 
-def _openvino(proto, threads):
+def _openvino(proto, threads, precision="f32"):
     import openvino as ov
 
     core = ov.Core()
@@ -78,7 +81,7 @@ def _openvino(proto, threads):
         onnx_path = os.path.join(folder, "model.onnx")
         with open(onnx_path, "wb") as fh:
             fh.write(proto.SerializeToString())
-        config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like the others (it would pick bf16 here)
+        config = {"INFERENCE_PRECISION_HINT": precision}  # f32 unless asked for bf16 (which it would pick here)
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         compiled = core.compile_model(core.read_model(onnx_path), "CPU", config)

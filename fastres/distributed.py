@@ -69,7 +69,7 @@ def cached_model(path, architecture=None, precision="fp32"):
     key = (path, stat.st_mtime_ns, stat.st_size, architecture, precision)
     with _models_lock:
         if key not in _models:
-            for old in [k for k in _models if k[0] == path]:
+            for old in [k for k in _models if k[0] == path and k[1:3] != key[1:3]]:
                 del _models[old]  # the file changed: drop the old model
             _models[key] = load(path, architecture=architecture, precision=precision)
         return _models[key]

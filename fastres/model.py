@@ -3,6 +3,7 @@ import contextlib
 import math
 import threading
 import time
+import warnings
 
 import numba
 import numpy as np
@@ -12,6 +13,7 @@ from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
 from .graph import ACTIVATION_KINDS, attach_weights, infer_shapes
 from .kerasfile import read_model_file
+from .kernels import _numba
 from .rewrites import rewrite
 
 
@@ -40,7 +42,8 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
     precision : "fp32" or "bf16"
         bf16 rounds every Conv2D and Dense kernel (folded in float32) to bfloat16 once, here,
         and keeps only that: half the weight memory; each convolution rounds its input to bf16
-        and accumulates in float32 (see ``fastres.kernels.bf16``).
+        and accumulates in float32 (see ``fastres.kernels.bf16``).  On a CPU without
+        AVX512-BF16 the products are float32 (the weights widened), with a warning.
 
     Raises
     ------
@@ -50,6 +53,9 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
     threads = _checked_threads(threads)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise FastresError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if precision == "bf16" and not _numba.BF16_DOT:
+        warnings.warn("fastres: this CPU has no AVX512-BF16; bf16 runs with bf16 weights widened to float32 for the "
+                      "products: half the weight memory, not twice the arithmetic rate", stacklevel=2)
     try:
         limit = limits.resolve_limit(memory_limit)
     except ValueError as exc:

@@ -1,5 +1,7 @@
 """bf16: the rounding, the bf16 convolution against a naive bf16 reference, and the engine's accuracy gate
 against TensorFlow fp32 on real Keras ResNet50s (issue 11)."""
+import warnings
+
 import ml_dtypes  # comes with TensorFlow: an independent bf16 rounding
 import numpy as np
 import pytest
@@ -153,6 +155,19 @@ def test_load_refuses_an_unknown_precision(course):
             fastres.load(path, precision=bad)
 
 
+def test_bf16_without_avx512_bf16_warns_and_runs(course, monkeypatch):
+    """Never refused: without vdpbf16ps the weights are widened to float32 for the products, with a warning."""
+    _, path = course
+    monkeypatch.setattr(_numba, "BF16_DOT", False)
+    with pytest.warns(UserWarning, match="no AVX512-BF16; bf16 runs with bf16 weights widened to float32"):
+        fastres.load(path, precision="bf16")
+    monkeypatch.setattr(_numba, "BF16_DOT", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastres.load(path, precision="bf16")
+        fastres.load(path)
+
+
 def test_bf16_model_keeps_half_the_weight_bytes(course):
     _, path = course
     fp32, half = fastres.load(path), fastres.load(path, precision="bf16")
@@ -165,6 +180,18 @@ def test_bf16_model_keeps_half_the_weight_bytes(course):
     half.profile(x, runs=1)
     convs = [name for name, kind, _ in half.operations if kind in ("Conv2D", "Dense")]
     assert all("bf16" in half.last_kernels[name] for name in convs), half.last_kernels
+
+
+def test_bf16_through_the_dask_layer(course):
+    import fastres.distributed as fd
+
+    _, path = course
+    half, fp32 = fd.cached_model(path, precision="bf16"), fd.cached_model(path)
+    assert (half.precision, fp32.precision) == ("bf16", "fp32")
+    assert fd.cached_model(path, precision="bf16") is half   # cached per precision
+    x = np.random.default_rng(1).standard_normal((4, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(fd.predict_array(str(path), x, precision="bf16").compute(scheduler="sync"),
+                                  half.predict(x))
 
 
 # ------------------------------------------------------------------ the accuracy gate (issue 11)

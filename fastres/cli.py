@@ -15,7 +15,8 @@ import numpy as np
 from . import __version__
 from .errors import FastresError
 from .images import PREPROCESS_MODES, classify, expand, image_shape
-from .peers import PEERS
+from .model import PRECISIONS
+from .peers import PEER_PRECISION, PEERS
 from .progress import progress_bar
 
 
@@ -65,6 +66,7 @@ def _build_parser():
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, which silences the table)")
     bench.add_argument("--plot", metavar="FILE.png", help="draw the latencies as a PNG (needs matplotlib)")
     bench.add_argument("--no-cold", action="store_true", help="skip the cold-start measurement (it compiles every kernel afresh)")
+    _precision_option(bench, " (with openvino in --compare, bf16 runs OpenVINO at both precisions)")
     bench.set_defaults(run=_bench)
 
     predict = sub.add_parser("predict", help="classify images",
@@ -91,6 +93,7 @@ def _build_parser():
     where.add_argument("--workers", type=_positive, metavar="N",
                        help="run on a local Dask cluster of N single-threaded worker processes (needs fastres[dask])")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    _precision_option(predict)
     predict.set_defaults(run=_predict)
 
     info = sub.add_parser("info", help="describe a model file after folding and fusion",
@@ -99,6 +102,7 @@ def _build_parser():
     info.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
     info.add_argument("--input-size", type=_positive, default=None, help="for a model whose input size is free (default 224)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    _precision_option(info)
     info.set_defaults(run=_info)
 
     profile = sub.add_parser("profile", help="time each fused layer of a model",
@@ -110,6 +114,7 @@ def _build_parser():
     profile.add_argument("--runs", type=_positive, default=10, help="passes; the median is shown (default 10)")
     profile.add_argument("--threads", type=_positive, default=None, help="threads (default: all cores)")
     profile.add_argument("--json", action="store_true", help="print JSON")
+    _precision_option(profile)
     profile.set_defaults(run=_profile)
 
     compile_ = sub.add_parser("compile", help="compile every kernel into the cache ahead of time",
@@ -117,6 +122,12 @@ def _build_parser():
                                           "read-only installs); fails clearly when the cache is not writable.")
     compile_.set_defaults(run=_compile)
     return parser
+
+
+def _precision_option(parser, more=""):
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (default), or bf16: weights rounded to bfloat16 once at load (half the memory), "
+                             "each convolution's input rounded to bf16, float32 accumulation" + more)
 
 
 def _positive(text):
@@ -135,12 +146,12 @@ def _nonnegative(text):
 
 # ---------------------------------------------------------------- shared helpers
 
-def _load(path, architecture=None, threads=None):
+def _load(path, architecture=None, threads=None, precision="fp32"):
     from . import load
 
     if path is not None and not os.path.exists(path):
         raise FastresError(f"no such file: {path}")
-    return load(path, architecture=architecture, threads=threads)
+    return load(path, architecture=architecture, threads=threads, precision=precision)
 
 
 def _model_and_input(args):
@@ -148,7 +159,7 @@ def _model_and_input(args):
     from .default_model import default_model_path
 
     path = args.model or str(default_model_path(args.input_size or 224))
-    model = _load(path, args.architecture, getattr(args, "threads", None))
+    model = _load(path, args.architecture, getattr(args, "threads", None), getattr(args, "precision", "fp32"))
     return path, model, image_shape(model, args.input_size)
 
 
@@ -167,18 +178,27 @@ def _info(args):
               "input_shape": list(model.input_shape), "output_shape": list(model.output_shape),
               "input_used": [None, *shape], "layers": rows,
               "total_params": sum(r["params"] for r in rows), "total_flops": sum(r["flops"] for r in rows),
-              "file_params": model.file_params}
+              "file_params": model.file_params, "precision": model.precision, "products": _products(model),
+              "packed_weights_bytes": model.packed_bytes}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"{path}: {model.file_format} (Keras {model.keras_version or 'unknown'})")
     print(f"input {model.input_shape}, output {model.output_shape}; FLOPs per image at {shape[0]}x{shape[1]}")
+    print(f"{model.precision} weights ({model.packed_bytes / 2**20:.1f} MiB packed), products on {_products(model)}")
     print(_table(["layer", "kind (fused)", "output shape", "params", "MFLOPs"],
                  [(r["name"], r["kind"] + (f" <- {len(r['folded'])} folded" if r["folded"] else ""),
                    str(tuple(r["output_shape"])), f"{r['params']:,}", f"{r['flops'] / 1e6:,.1f}") for r in rows]))
     print(f"total: {len(rows)} fused layers, {report['total_params']:,} parameters after folding "
           f"({report['file_params']:,} in the file), {report['total_flops'] / 1e9:.2f} GFLOPs per image")
     return 0
+
+
+def _products(model):
+    """What computes a convolution's products at the model's precision, on this CPU."""
+    from .kernels import _numba, amx
+
+    return amx.products() if model.precision == "bf16" else f"{_numba.ISA} fp32 FMA (direct or Winograd)"
 
 
 def _machine_line(m):
@@ -204,9 +224,11 @@ def _profile(args):
         r["share"] = r["seconds"] / total if total else 0.0
     if args.json:
         print(json.dumps({"file": path, "batch": args.batch, "input_shape": [None, *shape], "runs": args.runs,
-                          "machine": machine, "total_seconds": total, "layers": rows}, indent=1))
+                          "precision": model.precision, "machine": machine, "total_seconds": total, "layers": rows},
+                         indent=1))
         return 0
-    print(f"{path}: batch {args.batch} at {shape[0]}x{shape[1]}, median of {args.runs} runs per layer")
+    print(f"{path}: batch {args.batch} at {shape[0]}x{shape[1]}, {model.precision}, "
+          f"median of {args.runs} runs per layer")
     print(_machine_line(machine))
     print(_table(["layer", "kind (fused)", "kernel", "ms", "GFLOPS", "% peak", "share"],
                  [(r["name"], r["kind"], r["kernel"], f"{r['seconds'] * 1e3:.3f}", f"{r['gflops']:.1f}",
@@ -234,7 +256,8 @@ def _predict(args):
         except ImportError as exc:
             raise FastresError(str(exc)) from None
         records = iter_predict_files(path, paths, args.preprocess, args.top, args.batch_size, args.input_size,
-                                     args.architecture, args.threads, client=args.scheduler, workers=args.workers)
+                                     args.architecture, args.threads, client=args.scheduler, workers=args.workers,
+                                     precision=args.precision)
     else:
         records = classify(model, paths, args.preprocess, args.top, args.batch_size, args.input_size, args.readers)
     bar = progress_bar(len(paths), "predict", enabled=not sys.stdout.isatty())  # a terminal shows the lines
@@ -285,10 +308,10 @@ _CLOCK_STOP = (
 )
 
 
-def _fastres_first_result(path, shape, threads):
+def _fastres_first_result(path, shape, threads, precision="fp32"):
     """Python source that loads ``path`` with fastres and runs one batch-1 pass of zeros (see ``_startup``)."""
     return ("import numpy as np, fastres\n"
-            f"m = fastres.load({str(path)!r}, threads={threads!r})\n"
+            f"m = fastres.load({str(path)!r}, threads={threads!r}, precision={precision!r})\n"
             f"out = m.predict(np.zeros((1, {shape[0]}, {shape[1]}, {shape[2]}), np.float32))\n")
 
 
@@ -355,7 +378,8 @@ def _run_peers(peers, path, threads, x, reference, args, results, folder, say):
             continue
         out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
         del forward  # its memory is not the next peer's
-        results[name] = {"status": "ok", "times": peer_times, "max_abs_diff": float(np.abs(out - reference).max()),
+        results[name] = {"status": "ok", "precision": PEER_PRECISION[name], "times": peer_times,
+                         "max_abs_diff": float(np.abs(out - reference).max()),
                          "reference_max_abs": float(np.abs(reference).max())}
         scripts[name] = first_result_script(name, path, x.shape[1:], threads, onnx if name in ONNX_PEERS else None)
     return scripts
@@ -377,6 +401,8 @@ def _bench(args):
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise _UsageError(f"--compare: unknown engine {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    if args.precision == "bf16" and "openvino" in peers and "openvino-bf16" not in peers:
+        peers.insert(peers.index("openvino") + 1, "openvino-bf16")  # the peer at both precisions
     quiet = args.json == "-"
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     path, model, shape = _model_and_input(args)
@@ -384,9 +410,10 @@ def _bench(args):
 
     threads = args.threads or get_num_threads()
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
-    say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads")
+    say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads, "
+        f"fastres in {model.precision}")
     reference, times = _time("fastres", model.predict, x, args.runs, args.warmup, not quiet)
-    results = {"fastres": {"status": "ok", "times": times}}
+    results = {"fastres": {"status": "ok", "precision": model.precision, "times": times}}
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:  # the ONNX peers' model, converted once
@@ -396,8 +423,9 @@ def _bench(args):
 
         machine = roofline.machine()
         say("measuring start-up in fresh processes ...")
-        warm = _startup(_fastres_first_result(path, shape, args.threads))
-        cold = None if args.no_cold else _startup(_fastres_first_result(path, shape, args.threads), cold=True)
+        first = _fastres_first_result(path, shape, args.threads, model.precision)
+        warm = _startup(first)
+        cold = None if args.no_cold else _startup(first, cold=True)
         results["fastres"].update(first_result_seconds_warm=warm["seconds"], peak_memory_bytes=warm["peak_bytes"])
         for name, script in scripts.items():
             try:
@@ -412,7 +440,8 @@ def _bench(args):
             r.update(median_ms=float(np.median(t) * 1e3), p90_ms=float(np.percentile(t, 90) * 1e3),
                      images_per_second=args.batch / float(np.median(t)),
                      fastres_speedup=float(np.median(t)) / fast_median)
-    report = {"model": path, "machine": machine, "batch": args.batch, "input_shape": [None, *shape], "threads": threads,
+    report = {"model": path, "precision": model.precision, "packed_weights_bytes": model.packed_bytes,
+              "machine": machine, "batch": args.batch, "input_shape": [None, *shape], "threads": threads,
               "runs": args.runs,
               "warmup": args.warmup, "engines": results, "first_result_seconds_warm": warm["seconds"],
               "first_result_seconds_cold": cold and cold["seconds"], "peak_memory_bytes": warm["peak_bytes"],
@@ -428,13 +457,14 @@ def _bench(args):
         rows = []
         for name, r in results.items():
             if r["status"] != "ok":
-                rows.append((name, "-", "-", "-", "-", r["status"]))
+                rows.append((name, PEER_PRECISION.get(name, "-"), "-", "-", "-", "-", r["status"]))
                 continue
             diff = "(reference)" if name == "fastres" else f"{r['max_abs_diff']:.2e} (of {r['reference_max_abs']:.2e})"
-            rows.append((name, f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['images_per_second']:.1f}",
-                         f"{r['fastres_speedup']:.2f}x", diff))
+            rows.append((name, r["precision"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                         f"{r['images_per_second']:.1f}", f"{r['fastres_speedup']:.2f}x", diff))
         print(_machine_line(machine))
-        print(_table(["engine", "median ms", "p90 ms", "images/s", "fastres speed-up", "max |diff| vs fastres"], rows))
+        print(_table(["engine", "precision", "median ms", "p90 ms", "images/s", "fastres speed-up",
+                      "max |diff| vs fastres"], rows))
         print(f"load to first result: {warm['seconds']:.2f} s with a warm Numba cache"
               + ("" if cold is None else f", {cold['seconds']:.2f} s cold (compiling every kernel)"))
         print(f"peak memory (fresh process, load + one batch-1 pass): {warm['peak_bytes'] / 2**20:.0f} MiB; "

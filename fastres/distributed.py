@@ -45,7 +45,7 @@ _models = {}
 _models_lock = threading.Lock()
 
 
-def cached_model(path, architecture=None):
+def cached_model(path, architecture=None, precision="fp32"):
     """The model at ``path``, loaded once per process and loaded again when the file changes.
 
     Parameters
@@ -54,6 +54,8 @@ def cached_model(path, architecture=None):
         A Keras model file (the same path on every worker: a shared file system).
     architecture : str, optional
         For a weights-only file, as in :func:`fastres.load`.
+    precision : "fp32" or "bf16"
+        As in :func:`fastres.load`.
 
     Returns
     -------
@@ -64,12 +66,12 @@ def cached_model(path, architecture=None):
         stat = os.stat(path)
     except FileNotFoundError:
         raise FastresError(f"no such file: {path}") from None
-    key = (path, stat.st_mtime_ns, stat.st_size, architecture)
+    key = (path, stat.st_mtime_ns, stat.st_size, architecture, precision)
     with _models_lock:
         if key not in _models:
-            for old in [k for k in _models if k[0] == path]:
+            for old in [k for k in _models if k[0] == path and k[1:3] != key[1:3]]:
                 del _models[old]  # the file changed: drop the old model
-            _models[key] = load(path, architecture=architecture)
+            _models[key] = load(path, architecture=architecture, precision=precision)
         return _models[key]
 
 
@@ -112,7 +114,8 @@ def _default_client():
 
 # ---------------------------------------------------------------- arrays
 
-def predict_array(model_path, images, batch_size=None, architecture=None, threads=None, client=None):
+def predict_array(model_path, images, batch_size=None, architecture=None, threads=None, client=None,
+                  precision="fp32"):
     """The model's outputs for a chunked array of images, as a lazy ``dask.array``.
 
     Parameters
@@ -131,6 +134,8 @@ def predict_array(model_path, images, batch_size=None, architecture=None, thread
     client : distributed.Client, optional
         Used to count the workers' threads per machine (default: the current default client, if any).
         The result runs on whatever scheduler computes it.
+    precision : "fp32" or "bf16"
+        As in :func:`fastres.load`.
 
     Returns
     -------
@@ -146,17 +151,17 @@ def predict_array(model_path, images, batch_size=None, architecture=None, thread
     if images.ndim != 4:
         raise InputError(f"images has shape {images.shape}; expected a batch of images (N, H, W, C)")
     images = images.rechunk({1: -1, 2: -1, 3: -1})
-    model = cached_model(model_path, architecture)  # here only for the output shape (and a clear error)
+    model = cached_model(model_path, architecture, precision)  # here only for the output shape (and a clear error)
     tail = model.predict(np.zeros((0, *images.shape[1:]), images.dtype)).shape[1:]
     return images.map_blocks(
         _predict_block, model_path=os.fspath(model_path), architecture=architecture, batch_size=batch_size,
-        threads=threads, slots=_host_slots(client or _default_client()),
+        threads=threads, slots=_host_slots(client or _default_client()), precision=precision,
         dtype=np.float32, chunks=(images.chunks[0], *((d,) for d in tail)),
         drop_axis=list(range(1 + len(tail), 4)) or None, meta=np.empty((0,) * (1 + len(tail)), np.float32))
 
 
-def _predict_block(block, model_path, architecture, batch_size, threads, slots):
-    model = cached_model(model_path, architecture)
+def _predict_block(block, model_path, architecture, batch_size, threads, slots, precision="fp32"):
+    model = cached_model(model_path, architecture, precision)
     _set_task_threads(threads, slots)
     return model.predict(block, batch_size=batch_size)
 
@@ -179,7 +184,8 @@ def predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=16, *
     batch_size : int
         Images per task and per forward pass.
     **options
-        ``input_size``, ``architecture``, ``threads``, ``client``, ``workers``, ``progress``, ``window``:
+        ``input_size``, ``architecture``, ``threads``, ``client``, ``workers``, ``progress``, ``window``,
+        ``precision``:
         see :func:`iter_predict_files`.
 
     Returns
@@ -192,7 +198,8 @@ def predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=16, *
 
 
 def iter_predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=16, input_size=None,
-                       architecture=None, threads=None, client=None, workers=None, progress=False, window=None):
+                       architecture=None, threads=None, client=None, workers=None, progress=False, window=None,
+                       precision="fp32"):
     """:func:`predict_files` as a generator: records in input order, as soon as they are ready.
 
     Parameters
@@ -213,6 +220,8 @@ def iter_predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=
     window : int, optional
         Batches submitted ahead of the one being collected (default: 4 per task thread, at least 8);
         bounds the memory of the client and the scheduler for millions of images.
+    precision : "fp32" or "bf16"
+        As in :func:`fastres.load`.
 
     Notes
     -----
@@ -234,7 +243,8 @@ def iter_predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=
                 while batches and len(pending) < window:
                     batch = batches.popleft()  # the workers get absolute paths; the records keep the given ones
                     pending.append((batch, c.submit(_classify_paths, [os.path.abspath(p) for p in batch], model_path,
-                                                    architecture, preprocess, top, input_size, threads, slots)))
+                                                    architecture, preprocess, top, input_size, threads, slots,
+                                                    precision)))
                 batch, future = pending.popleft()
                 records = future.result()
                 bar.update(len(records))
@@ -244,8 +254,8 @@ def iter_predict_files(model_path, paths, preprocess="caffe", top=5, batch_size=
         bar.close()
 
 
-def _classify_paths(paths, model_path, architecture, preprocess, top, input_size, threads, slots):
-    model = cached_model(model_path, architecture)
+def _classify_paths(paths, model_path, architecture, preprocess, top, input_size, threads, slots, precision="fp32"):
+    model = cached_model(model_path, architecture, precision)
     _set_task_threads(threads, slots)
     return list(_images.classify(model, paths, preprocess, top, batch_size=len(paths), input_size=input_size,
                                  readers=0))

@@ -4,6 +4,7 @@ import copy
 import math
 import threading
 import time
+import warnings
 
 import numba
 import numpy as np
@@ -13,11 +14,16 @@ from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
 from .graph import ACTIVATION_KINDS, StoredKernel, attach_weights, infer_shapes
 from .kerasfile import read_model_file
+from .kernels import _numba
 from .kernels.conv import PANEL
 from .rewrites import rewrite
 
 
-def load(path, architecture=None, threads=None, classifier_activation="softmax", memory_limit=None):
+PRECISIONS = ("fp32", "bf16")
+
+
+def load(path, architecture=None, threads=None, classifier_activation="softmax", memory_limit=None,
+         precision="fp32"):
     """Load a Keras model file and return a Model that runs it with fastres's kernels.
 
     Parameters
@@ -35,6 +41,11 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
     memory_limit : int or str, optional
         Bytes (or a size such as ``"2G"``) the weights, and each plan's buffers, may take;
         default: ``fastres.limits.memory_limit()`` (half the physical memory).
+    precision : "fp32" or "bf16"
+        bf16 rounds every Conv2D and Dense kernel (folded in float32) to bfloat16 once, here,
+        and keeps only that: half the weight memory; each convolution rounds its input to bf16
+        and accumulates in float32 (see ``fastres.kernels.bf16``).  On a CPU without
+        AVX512-BF16 the products are float32 (the weights widened), with a warning.
 
     Raises
     ------
@@ -42,6 +53,11 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
         Naming the file, the layer and the problem, for any file that cannot be run.
     """
     threads = _checked_threads(threads)
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise FastresError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if precision == "bf16" and not _numba.BF16_DOT:
+        warnings.warn("fastres: this CPU has no AVX512-BF16; bf16 runs with bf16 weights widened to float32 for the "
+                      "products: half the weight memory, not twice the arithmetic rate", stacklevel=2)
     try:
         limit = limits.resolve_limit(memory_limit)
     except ValueError as exc:
@@ -50,7 +66,7 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
         with read_model_file(path) as data:
             layers, output, input_shape = _graph(path, data, architecture, classifier_activation, limit)
             return Model(layers, output, input_shape, data.format, data.keras_version, str(path),
-                         threads=threads, memory_limit=limit)
+                         threads=threads, memory_limit=limit, precision=precision)
     except FastresError as exc:
         if str(path) in str(exc):
             raise
@@ -125,18 +141,19 @@ class Model:
     """A loaded model.  ``predict`` is safe to call from several threads at once."""
 
     def __init__(self, layers, output, input_shape, file_format, keras_version, path, threads=None,
-                 memory_limit=None):
+                 memory_limit=None, precision="fp32"):
         self.layers = layers                       # as in the file (their weights are dropped once packed)
         self.file_format, self.keras_version, self.path = file_format, keras_version, path
         self.threads = threads                     # None: fastres.set_num_threads's count, else all cores
         self.memory_limit = limits.resolve_limit(memory_limit)
+        self.precision = precision                 # "fp32" or "bf16": how the Conv2D/Dense weights are kept
         self._input_shape = tuple(input_shape)
         self._layer_params = {l.name: sum(w.size for w in l.weights) for l in layers}
         self.weights_bytes = sum(w.nbytes for l in layers for w in l.weights)
         self.file_params = sum(self._layer_params.values())
         self._ops, self._output = rewrite(layers, output, input_shape, take_weights=True)
         if None not in self._input_shape:  # a fixed size: refuse now what no input could run
-            need = plan_bytes(self._ops, self._output, (1, *self._input_shape))
+            need = plan_bytes(self._ops, self._output, (1, *self._input_shape), precision)
             if need > self.memory_limit:
                 raise ModelFormatError(f"one image needs {limits.human(need)} of buffers, over the memory limit of "
                                        f"{limits.human(self.memory_limit)}")
@@ -145,12 +162,27 @@ class Model:
         for op in self._ops:
             if op.kind in ("Conv2D", "Dense"):
                 kernel = op.weights[0]
-                self._packed[op.name] = _pack_stored(kernel) if isinstance(kernel, StoredKernel) else K.pack_conv2d(kernel)
+                if isinstance(kernel, StoredKernel):  # read, checked and folded straight into its panels
+                    packed = _pack_stored(kernel)
+                    if precision == "bf16":  # folded in float32, then rounded once; the float32 panels go
+                        packed = K.pack_conv2d(np.ascontiguousarray(packed.unpacked()), precision="bf16")
+                else:
+                    packed = K.pack_conv2d(kernel, precision=precision)
+                self._packed[op.name] = packed
                 self._bias[op.name] = op.weights[1] if len(op.weights) > 1 else np.zeros(kernel.shape[-1], np.float32)
                 op.weights = []  # only the packed copy stays in memory, released layer by layer
                 del kernel
         self._local = threading.local()
         self.last_kernels = {}  # after profile(): the kernel each convolution ran, by layer name
+
+    @property
+    def packed_bytes(self):
+        """Bytes of the packed Conv2D/Dense weights the model keeps (bf16: about half of fp32's).
+
+        The direct kernel's panels, or for a fp32 3x3 layer that a plan runs as Winograd its transformed
+        packing, four times larger, made when first planned (the direct panels then go; bf16 never does).
+        """
+        return sum(a.nbytes for p in self._packed.values() for a in (p.panels, p._winograd) if a is not None)
 
     @property
     def input_shape(self):
@@ -312,9 +344,10 @@ class Model:
         if plan is None:
             if len(plans) >= 4:  # keep the memory of a few input shapes per thread
                 plans.pop(next(iter(plans)))
-            need = plan_bytes(self._ops, self._output, x.shape)
+            need = plan_bytes(self._ops, self._output, x.shape, self.precision)
             if need > self.memory_limit:
-                fit = self.memory_limit // max(1, plan_bytes(self._ops, self._output, (1, *x.shape[1:])))
+                one = plan_bytes(self._ops, self._output, (1, *x.shape[1:]), self.precision)
+                fit = self.memory_limit // max(1, one)
                 raise InputError(f"a batch of {x.shape[0]} images of {x.shape[1]}x{x.shape[2]} needs "
                                  f"{limits.human(need)} of buffers, over the memory limit of "
                                  f"{limits.human(self.memory_limit)}"
@@ -346,14 +379,7 @@ def _pack_stored(kernel, chunk_bytes=1 << 20):
                 rows[:n, :cout] *= scale
             panels[0, :, at:at + n] = rows[:n].reshape(n, nblk, PANEL).transpose(1, 0, 2)
             at += n
-    return K.PackedConv2D(_Shape(shape), panels, False)
-
-
-class _Shape:
-    """Stands for the kernel where ``K.PackedConv2D`` keeps only its shape."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
+    return K.PackedConv2D(shape, panels, False)
 
 
 def _layout(ops, output, shapes, n):
@@ -388,13 +414,14 @@ def _layout(ops, output, shapes, n):
     return slot_of, slots
 
 
-def _scratch_bytes(op, shapes, input_shape, n):
+def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
     """An upper estimate of the scratch a Conv2D or Dense plan allocates, by kind (bytes).
 
     "own": its tile starts; "padded": its padded input; "v", "m": its Winograd blocks.  A plan's
     convolutions share one buffer of each of the last three kinds (``_SharedScratch``), so a plan
     needs the largest of each.  The Winograd kernel packing is a weight, made once per layer, and
-    not counted here.
+    not counted here.  In bf16 every convolution has its own bf16 copy of its (padded) input, or
+    of its gathered receptive fields, and none runs Winograd.
     """
     found = {"own": 0, "padded": 0, "v": 0, "m": 0}
     if op.kind not in ("Conv2D", "Dense"):
@@ -402,6 +429,13 @@ def _scratch_bytes(op, shapes, input_shape, n):
     x = shapes[op.inputs[0]] if op.inputs else input_shape
     out = shapes[op.name]
     found["own"] = 8 * (n * math.prod(out[:-1]) + 64)  # the tile starts, int64
+    if precision == "bf16":
+        (kh, kw), cin = op.attrs["kernel"] if op.kind == "Conv2D" else (1, 1), x[-1]
+        rows, cols = (x[0] + sum(op.pads[:2]) + kh, x[1] + sum(op.pads[2:]) + kw) if op.kind == "Conv2D" else (1, 1)
+        gathered = math.prod(out[:-1]) * -(-kh * kw * cin // 32) * 32  # AMX's im2col of a thin input
+        rounded = max(math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1), gathered)
+        found["own"] += 2 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
+        return found
     if op.kind == "Conv2D":
         (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]
         winograd = (kh, kw) == (3, 3) and op.attrs["stride"] == 1
@@ -414,12 +448,12 @@ def _scratch_bytes(op, shapes, input_shape, n):
     return found
 
 
-def plan_bytes(ops, output, shape):
+def plan_bytes(ops, output, shape, precision="fp32"):
     """Bytes a plan for input ``shape`` (N, H, W, C) allocates: its buffers, convolution scratch and output copy."""
     shapes = infer_shapes(ops, shape[1:])
     n = shape[0]
     _, slots = _layout(ops, output, shapes, n)
-    scratch = [_scratch_bytes(op, shapes, shape[1:], n) for op in ops]
+    scratch = [_scratch_bytes(op, shapes, shape[1:], n, precision) for op in ops]
     shared = sum(max((s.get(kind, 0) for s in scratch), default=0) for kind in _SharedScratch.KINDS)
     return 4 * (sum(slots) + n * math.prod(shapes[output])) + sum(s["own"] for s in scratch) + shared
 

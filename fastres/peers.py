@@ -1,7 +1,9 @@
 """The peer engines that ``fastres bench`` and the benchmarks time beside fastres.
 
 Every peer starts from the same Keras file: TensorFlow runs it through Keras under ``tf.function``;
-ONNX Runtime and OpenVINO (pinned to fp32) run it converted to ONNX by tf2onnx (``export_onnx``).
+ONNX Runtime and OpenVINO run it converted to ONNX by tf2onnx (``export_onnx``), OpenVINO pinned to
+fp32 (``openvino``) or asked for bf16 (``openvino-bf16``: ``INFERENCE_PRECISION_HINT`` bf16, which it
+honours where the CPU has AVX512-BF16 or AMX and otherwise runs in fp32).
 Install them with ``pip install 'fastres[bench]'``; nothing in fastres's core imports this module.
 
 This module imports nothing from fastres, so that ``first_result_script`` can load it on its own in a
@@ -11,8 +13,9 @@ without fastres's own imports (numpy's and Numba's) counted against it.
 import os
 import tempfile
 
-PEERS = ("tensorflow", "onnxruntime", "openvino")
-ONNX_PEERS = ("onnxruntime", "openvino")  # run the model converted to ONNX
+PEERS = ("tensorflow", "onnxruntime", "openvino", "openvino-bf16")
+ONNX_PEERS = ("onnxruntime", "openvino", "openvino-bf16")  # run the model converted to ONNX
+PEER_PRECISION = {"tensorflow": "fp32", "onnxruntime": "fp32", "openvino": "fp32", "openvino-bf16": "bf16"}
 
 
 def _keras_model(path, threads):
@@ -55,7 +58,7 @@ def peer_forward(name, path, threads=None, onnx=None):
 
     Parameters
     ----------
-    name : {"tensorflow", "onnxruntime", "openvino"}
+    name : {"tensorflow", "onnxruntime", "openvino", "openvino-bf16"}
         The engine.
     path : str
         A Keras ``.h5`` or ``.keras`` file.
@@ -89,7 +92,7 @@ def peer_forward(name, path, threads=None, onnx=None):
             return peer_forward(name, path, threads, onnx_path)  # both engines read the file while starting
     if name == "onnxruntime":
         return _onnxruntime(onnx, threads)
-    return _openvino(onnx, threads)
+    return _openvino(onnx, threads, "bf16" if name == "openvino-bf16" else "f32")
 
 
 def _onnxruntime(onnx_path, threads):
@@ -103,11 +106,11 @@ def _onnxruntime(onnx_path, threads):
     return lambda x: session.run(None, {input_name: x})[0]
 
 
-def _openvino(onnx_path, threads):
+def _openvino(onnx_path, threads, precision="f32"):
     import openvino as ov
 
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like the others (it would pick bf16 here)
+    config = {"INFERENCE_PRECISION_HINT": precision}  # f32 unless asked for bf16 (which it would pick here)
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(core.read_model(onnx_path), "CPU", config)

@@ -9,7 +9,7 @@ cache directory it can write to, even to read from it: for a read-only install, 
 
 Numba's compile-time types depend on dtypes, ranks and layouts, never on sizes, so one small
 synthetic model that holds every kind of fused operation (and a Winograd and an im2col
-convolution) compiles everything a real model runs.
+convolution, and a bf16 one) compiles everything a real model runs.
 """
 import os
 import tempfile
@@ -95,7 +95,8 @@ def compile_all():
         model.predict(np.ones((batch, 16, 16, 8), np.float32))
     x = np.ones((1, 12, 12, 16), np.float32)
     for packed, winograd in ((K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32)), True),
-                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), im2col=True), False)):
+                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), im2col=True), False),
+                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), precision="bf16"), False)):
         plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=winograd)
         out = np.empty(plan.output_shape, np.float32)
         plan(out, x, np.zeros(16, np.float32), np.ones_like(out), True)

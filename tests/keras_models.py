@@ -52,6 +52,47 @@ def randomize_batch_norm(model, seed_value=0):
     return model
 
 
+def trained_like(model, x, seed_value=0, branch_gamma=(0.1, 0.3)):
+    """Give a random-weight ResNet the statistics of a trained one, from a calibration batch ``x``.
+
+    Random convolutions under random batch-norm statistics (``randomize_batch_norm``) lose the image
+    on the way down a ResNet50: every input gets nearly the same logits and the same top-1 class.
+    Calibrated statistics alone make it chaotic instead (a perturbation grows ~1.2x per block).
+    A trained ResNet is neither, so here, as there:
+
+    * every batch-norm's moving mean and variance are its input's statistics over ``x`` (each
+      earlier layer normalised the same way), gamma and beta random as in ``randomize_batch_norm``;
+    * the last batch-norm of each residual branch (``*_branch2c``, ``*_3_bn``) has a small gamma,
+      drawn from ``branch_gamma``: the identity path carries the signal, as in trained ResNets;
+    * the classifier (the last Dense) reads standardised features: its kernel is divided by the
+      features' standard deviation over ``x`` and its bias centres them, so the logits, and the
+      top classes, depend on the input.
+
+    Keras 3 only.  Returns ``model``.
+    """
+    import re
+
+    randomize_batch_norm(model, seed_value)
+    rng = np.random.default_rng(seed_value + 1)
+    layers = [l for l in all_layers(model) if type(l).__name__ == "BatchNormalization"]
+    for layer in layers:
+        if re.search(r"(branch2c|_3_bn)$", layer.name):
+            layer.gamma.assign(rng.uniform(*branch_gamma, tuple(layer.gamma.shape)).astype(np.float32))
+    momenta = [l.momentum for l in layers]
+    for layer in layers:
+        layer.momentum = 0.0   # one training-mode pass: moving statistics := this batch's statistics
+    model(x, training=True)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    dense = model.layers[-1]
+    features = np.asarray(type(model)(model.inputs, dense.input)(x, training=False), np.float64)
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-3
+    kernel = np.asarray(dense.kernel, np.float64) / std[:, None]
+    dense.kernel.assign(kernel.astype(np.float32))
+    dense.bias.assign((-mean @ kernel).astype(np.float32))
+    return model
+
+
 def course_resnet50(keras, input_shape=(64, 64, 3), classes=6, activation=None):
     """The classic course ResNet50: res2a_branch2a / bn2a_branch2a names, AveragePooling2D(2) + Flatten + Dense."""
     L = keras.layers

@@ -92,3 +92,16 @@ def activation(x, kind, max_value=None, negative_slope=0.0, threshold=0.0):
     if max_value is not None:
         y = np.clip(y, 0.0, max_value)
     return y - negative_slope * np.maximum(threshold - x, 0.0)
+
+
+def bf16_round(x):
+    """``x`` rounded to bfloat16 (nearest, ties to even) and back to float64: ml_dtypes' rounding
+    (it comes with TensorFlow), not fastres's."""
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def conv2d_bf16(x, w, bias=None, stride=1, padding="valid", relu=False, residual=None):
+    """``conv2d`` with x and w rounded to bf16 first; products and sums in float64, bias/residual/ReLU exact."""
+    return conv2d(bf16_round(x), bf16_round(w), bias, stride, padding, relu, residual)

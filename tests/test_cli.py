@@ -48,6 +48,8 @@ def default_model(env):
 def test_help(env, command):
     result = run(env, *command, "--help")
     assert result.returncode == 0 and "usage: fastres" in result.stdout
+    if command:
+        assert "--precision {fp32,bf16}" in result.stdout
 
 
 def test_python_dash_m(env):
@@ -142,6 +144,44 @@ def test_info_and_profile(env, default_model):
     assert all(l["kernel"].split()[0] in ("direct", "winograd") for l in layers if l["kind"].startswith("Conv2D"))
     text = run(env, "profile", default_model, "--runs", "1").stdout
     assert "GFLOPS" in text and "% peak" in text and "FMA peak" in text
+
+
+def test_bf16_precision(env, default_model, images):
+    """--precision bf16 on info, profile, bench and predict: each says so, and which kernel computes."""
+    from fastres.kernels import amx
+
+    info = json.loads(run(env, "info", default_model, "--precision", "bf16", "--json").stdout)
+    fp32 = json.loads(run(env, "info", default_model, "--json").stdout)
+    assert (info["precision"], info["products"], fp32["precision"]) == ("bf16", amx.products(), "fp32")
+    assert 0.5 <= info["packed_weights_bytes"] / fp32["packed_weights_bytes"] < 0.501
+    text = run(env, "info", default_model, "--precision", "bf16").stdout
+    assert f"bf16 weights ({info['packed_weights_bytes'] / 2**20:.1f} MiB packed), products on {amx.products()}" in text
+    profile = run(env, "profile", default_model, "--precision", "bf16", "--runs", "1", "--json")
+    assert profile.returncode == 0, profile.stderr
+    report = json.loads(profile.stdout)
+    assert report["precision"] == "bf16"
+    assert all("bf16" in l["kernel"] for l in report["layers"] if l["kind"].startswith(("Conv2D", "Dense")))
+    bench = run(env, "bench", default_model, "--precision", "bf16", "--runs", "1", "--warmup", "0", "--no-cold",
+                "--compare", "tensorflow", "--json", "-")
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    engines = report["engines"]
+    assert report["precision"] == "bf16" and engines["fastres"]["precision"] == "bf16"
+    tf = engines["tensorflow"]
+    assert tf["precision"] == "fp32" and tf["max_abs_diff"] <= 5e-2 * tf["reference_max_abs"]
+    predict = run(env, "predict", default_model, images / "img0.png", "--precision", "bf16", "--top", "1", "--json")
+    assert predict.returncode == 0, predict.stderr
+    assert json.loads(predict.stdout)["top"][0]["probability"] > 0
+    assert_user_error(run(env, "info", default_model, "--precision", "fp16"), "argument --precision: invalid choice")
+
+
+def test_bench_bf16_runs_openvino_at_both_precisions(env, default_model):
+    result = run(env, "bench", default_model, "--precision", "bf16", "--runs", "1", "--warmup", "0", "--no-cold",
+                 "--compare", "openvino")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
+    assert rows["fastres"][1] == "bf16"
+    assert rows["openvino"][1] == "fp32" and rows["openvino-bf16"][1] == "bf16"
 
 
 def assert_machine(machine):

@@ -27,6 +27,8 @@ TARGETS = {
     "znver4": ("avx512", "6x64"),
     "x86-64": ("generic", "4x8"),
 }
+# targets whose bf16 products run on vdpbf16ps (AVX512-BF16); the others widen bf16 to float32
+_BF16_DOT = {"haswell": False, "skylake-avx512": False, "icelake-server": False, "znver4": True, "x86-64": False}
 _NEEDS = {"haswell": {"avx2", "fma"}, "skylake-avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
           "icelake-server": {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512vnni", "vaes"},
           "znver4": {"avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vnni"}}
@@ -78,6 +80,8 @@ def test_target_gives_the_hosts_answers(outputs, target):
     for name in ("1x1", "3x3s2", "stem", "dense"):
         assert_close(got[name], host[name].astype(np.float64), rtol=1e-5)
     assert_close(got["winograd"], host["winograd"].astype(np.float64), rtol=3e-5)
+    for name in ("bf16_1x1", "bf16_3x3", "bf16_stem"):   # the same roundings, float32 sums in another order
+        assert_close(got[name], host[name].astype(np.float64), rtol=1e-5)
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -89,6 +93,21 @@ def test_target_matches_naive(outputs, target):
                                         ("stem", 2, "valid", 1e-5), ("winograd", 1, "same", 3e-5)):
         x, w, b = got[name + "_x"], got[name + "_w"], got[name + "_b"]
         assert_close(got[name], naive.conv2d(x, w, b, stride, padding, relu=True), rtol=rtol)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_target_bf16_matches_naive_bf16(outputs, target):
+    """Every target's bf16 kernel (vdpbf16ps, or bf16 widened to float32) against the naive bf16 reference."""
+    if isinstance(outputs[target], str):
+        pytest.skip(outputs[target])
+    got = outputs[target]
+    expected = _numba.BF16_DOT if target == "host" else _BF16_DOT[target]
+    assert bool(got["bf16_dot"]) == expected
+    if not expected:
+        assert str(got["bf16_kernel"]) == "bf16 widened to fp32 FMA"
+    for name, stride, padding in (("bf16_1x1", 1, "valid"), ("bf16_3x3", 1, "same"), ("bf16_stem", 2, "valid")):
+        x, w, b, r = (got[name + suffix] for suffix in ("_x", "_w", "_b", "_r"))
+        assert_close(got[name], naive.conv2d_bf16(x, w, b, stride, padding, relu=True, residual=r), rtol=1e-5)
 
 
 @pytest.mark.parametrize("cpu,isa", [("haswell", "avx2"), ("skylake-avx512", "avx512"), ("znver4", "avx512"),

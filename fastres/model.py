@@ -515,6 +515,8 @@ class Plan:
                 self.names.extend([op.name] * len(steps))
         scratch.finish()
         self.output = values[output]
+        if model.precision == "bf16":
+            _feed_convolutions(ops, output, {n: st.conv for n, st in zip(self.names, self.steps) if hasattr(st, "conv")})
 
     def run(self, x, out=None):
         """Copy ``x`` (converted to float32) into the input buffer, run every step, return the output (a copy)."""
@@ -525,6 +527,29 @@ class Plan:
             return self.output.copy()
         out[...] = self.output
         return out
+
+
+def _feed_convolutions(ops, output, convs):
+    """Let a bf16 convolution write its output, rounded, straight into the next one's padded input.
+
+    Where a Conv2D's output is read by one Conv2D and nothing else (in a ResNet bottleneck: the
+    first two of its three convolutions), and both run on AMX (``Conv2DPlan.can_feed``), the
+    producer stores bf16 into the consumer's input buffer: no float32 output is written, and the
+    consumer has nothing to round or pad.  ``convs`` maps each convolution's name to its plan.
+    """
+    readers = {}
+    for op in ops:
+        for name in op.inputs + ([op.residual] if op.residual else []):
+            readers.setdefault(name, []).append(op)
+    for op in ops:
+        users = readers.get(op.name, [])
+        if op.name not in convs or op.name == output or len(users) != 1 or op.residual is not None:
+            continue
+        consumer = users[0]
+        stored_whole = op.activation.linear or op.activation.plain_relu  # no second, in-place step
+        if (consumer.name in convs and consumer.inputs == [op.name] and consumer.residual != op.name
+                and stored_whole and convs[op.name].can_feed(convs[consumer.name])):
+            convs[op.name].feed(convs[consumer.name])
 
 
 def _release_direct(model, name, conv):
@@ -583,7 +608,7 @@ def _steps(model, op, ins, out, residual, scratch):
         scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))
-        steps[-1].kernel = conv.kernel
+        steps[-1].kernel, steps[-1].conv = conv.kernel, conv
     elif kind == "ScaleShift":
         scale, shift = op.weights
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])

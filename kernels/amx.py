@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._numba import CPU_FEATURES, CPU_NAME, ISA, PANEL, X86, inline, pjit, stack_f32
-from ._tile import store_block_row
+from ._tile import store_block_row, store_panel_row
 from . import bf16
 from .bf16 import _bf16_bits
 
@@ -112,72 +112,99 @@ def _tiles_end(typingctx):
     return types.void(), codegen
 
 
-@intrinsic
-def _block(typingctx, block, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0):
-    """``block (32 x 32) = bias[c0:c0+32] + x-rows . panel-columns`` over every tap and channel, on the tiles.
+def _tile_block(a_tiles, b_tiles):
+    """An intrinsic computing ``a_tiles * 16`` pixels x ``b_tiles * 16`` channels on the tiles.
 
-    block : CPointer(float32), 32 pixels x 32 channels, written
+    2 x 2 (32 pixels x 32 channels, tiles 0-3 the sums, 4-5 the pixels, 6-7 the weights): each tile
+    load feeds two products.  1 x 4 (16 pixels x a whole 64-channel panel; tile 4 the pixels, 5 each
+    weight tile in turn): for layers of few pixels, where the weights stream from memory: the four
+    weight tiles of a step are the whole 256-byte pair rows, read in order, and no product is spent
+    on a second, empty pixel tile.
+    """
+    rows_bytes = b_tiles * ROWS * 4  # one pixel's sums in the block: b_tiles * 16 floats
+
+    def block(typingctx, out, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0):
+        def codegen(context, builder, signature, args):
+            dest = builder.bitcast(args[0], _I8.as_pointer())
+            x_data, w_data = _bytes(context, builder, signature.args[1], args[1]), _bytes(context, builder, signature.args[7], args[7])
+            x0, cp, row, kh, kw, column = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                           for k in (2, 3, 4, 5, 6, 8))
+            two = _I64(2)
+            chunks = builder.udiv(cp, _I64(DEPTH))
+            a_stride, b_stride = builder.mul(cp, two), _I64(PANEL * 4)
+            bias = _bytes(context, builder, signature.args[9], args[9])
+            first = builder.mul(context.cast(builder, args[10], signature.args[10], types.int64), _I64(4))
+            sums = [(a, b, a * b_tiles + b) for a in range(a_tiles) for b in range(b_tiles)]
+            for _, b, acc in sums:  # every pixel row starts at the bias: a stride-0 load
+                _call(builder, "llvm.x86.tileloadd64", [_I8(acc), builder.gep(bias, [builder.add(first, _I64(64 * b))]), _I64(0)])
+            with cgutils.for_range(builder, kh) as i:
+                with cgutils.for_range(builder, kw) as j:
+                    tap = builder.add(builder.mul(i.index, kw), j.index)
+                    x_tap = builder.add(builder.add(x0, builder.mul(i.index, row)), builder.mul(j.index, cp))
+                    with cgutils.for_range(builder, chunks) as c:
+                        a0 = builder.mul(builder.add(x_tap, builder.mul(c.index, _I64(DEPTH))), two)  # bytes
+                        step = builder.add(builder.mul(tap, chunks), c.index)  # 16 pair rows per step
+                        b0 = builder.mul(builder.add(builder.mul(step, _I64(ROWS * PANEL)), column), _I64(4))
+                        # the weights of a later step, from memory while these tiles multiply (cold weights
+                        # stall the tile loads otherwise); past the panel's end it is a harmless hint
+                        ahead = builder.add(b0, _I64(PREFETCH_STEPS * ROWS * PANEL * 4))
+                        for r in range(ROWS):
+                            for line in range(b_tiles):
+                                _call(builder, "llvm.prefetch.p0", [builder.gep(w_data, [builder.add(ahead, _I64(r * PANEL * 4 + 64 * line))]),
+                                                                    _I32(0), _I32(3), _I32(1)])
+                        for a in range(a_tiles):
+                            offset = builder.add(a0, builder.mul(a_stride, _I64(ROWS * a)))
+                            _call(builder, "llvm.x86.tileloadd64", [_I8(4 + a), builder.gep(x_data, [offset]), a_stride])
+                        if a_tiles == 2:   # both weight tiles held: tiles 6 and 7
+                            for b in range(b_tiles):
+                                _call(builder, "llvm.x86.tileloadd64", [_I8(6 + b), builder.gep(w_data, [builder.add(b0, _I64(64 * b))]), b_stride])
+                            for a, b, acc in sums:
+                                _call(builder, "llvm.x86.tdpbf16ps", [_I8(acc), _I8(4 + a), _I8(6 + b)])
+                        else:              # one weight tile at a time, in tile 5
+                            for _, b, acc in sums:
+                                _call(builder, "llvm.x86.tileloadd64", [_I8(5), builder.gep(w_data, [builder.add(b0, _I64(64 * b))]), b_stride])
+                                _call(builder, "llvm.x86.tdpbf16ps", [_I8(acc), _I8(4), _I8(5)])
+            for a, b, acc in sums:
+                offset = _I64(a * ROWS * rows_bytes + 64 * b)
+                _call(builder, "llvm.x86.tilestored64", [_I8(acc), builder.gep(dest, [offset]), _I64(rows_bytes)])
+            return context.get_dummy_value()
+
+        return types.void(out, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0), codegen
+
+    block.__doc__ = f"""``out ({16 * a_tiles} x {16 * b_tiles}) = bias[c0:] + x-rows . panel-columns`` over every tap and channel.
+
+    out : CPointer(float32), {16 * a_tiles} pixels x {16 * b_tiles} channels, row-major, written
     x : uint16 (flat) bf16 input; pixel p's tap (i, j) is at ``x0 + p*cp + i*row + j*cp``
     cp, row : int, channels (a multiple of 32) and elements per padded input row
     kernel_h, kernel_w : int
-    panel : uint16 (pairs, 64, 2), C-contiguous; column : int, 0 or 32
-    bias : float32, at least c0 + 32 long; c0 : int
+    panel : uint16 (pairs, 64, 2), C-contiguous; column : int, the block's first channel in the panel
+    bias : float32, at least c0 + {16 * b_tiles} long; c0 : int
     """
-    def codegen(context, builder, signature, args):
-        out = builder.bitcast(args[0], _I8.as_pointer())
-        x_data, w_data = _bytes(context, builder, signature.args[1], args[1]), _bytes(context, builder, signature.args[7], args[7])
-        x0, cp, row, kh, kw, column = (context.cast(builder, args[k], signature.args[k], types.int64)
-                                       for k in (2, 3, 4, 5, 6, 8))
-        two = _I64(2)
-        chunks = builder.udiv(cp, _I64(DEPTH))
-        a_stride, b_stride = builder.mul(cp, two), _I64(PANEL * 4)
-        bias = _bytes(context, builder, signature.args[9], args[9])
-        c0 = builder.mul(context.cast(builder, args[10], signature.args[10], types.int64), _I64(4))
-        for acc, offset in ((0, 0), (1, 64), (2, 0), (3, 64)):  # every pixel row starts at the bias: stride 0
-            _call(builder, "llvm.x86.tileloadd64", [_I8(acc), builder.gep(bias, [builder.add(c0, _I64(offset))]), _I64(0)])
-        with cgutils.for_range(builder, kh) as i:
-            with cgutils.for_range(builder, kw) as j:
-                tap = builder.add(builder.mul(i.index, kw), j.index)
-                x_tap = builder.add(builder.add(x0, builder.mul(i.index, row)), builder.mul(j.index, cp))
-                with cgutils.for_range(builder, chunks) as c:
-                    a0 = builder.mul(builder.add(x_tap, builder.mul(c.index, _I64(DEPTH))), two)  # bytes
-                    a1 = builder.add(a0, builder.mul(a_stride, _I64(ROWS)))
-                    step = builder.add(builder.mul(tap, chunks), c.index)  # 16 pair rows per step
-                    b0 = builder.mul(builder.add(builder.mul(step, _I64(ROWS * PANEL)), column), _I64(4))
-                    b1 = builder.add(b0, _I64(ROWS * 4))
-                    # the weights of a later step, from memory while these tiles multiply (cold weights
-                    # stall the tile loads otherwise); past the panel's end it is a harmless hint
-                    ahead = builder.add(b0, _I64(PREFETCH_STEPS * ROWS * PANEL * 4))
-                    for r in range(ROWS):
-                        for line in (0, 64):
-                            _call(builder, "llvm.prefetch.p0", [builder.gep(w_data, [builder.add(ahead, _I64(r * PANEL * 4 + line))]),
-                                                                _I32(0), _I32(3), _I32(1)])
-                    for tile, offset, stride in ((4, a0, a_stride), (5, a1, a_stride), (6, b0, b_stride), (7, b1, b_stride)):
-                        data = x_data if tile < 6 else w_data
-                        _call(builder, "llvm.x86.tileloadd64", [_I8(tile), builder.gep(data, [offset]), stride])
-                    for acc, a, b in ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7)):
-                        _call(builder, "llvm.x86.tdpbf16ps", [_I8(acc), _I8(a), _I8(b)])
-        for acc, offset in ((0, 0), (1, 64), (2, 16 * 128), (3, 16 * 128 + 64)):  # 32 floats = 128 bytes a row
-            _call(builder, "llvm.x86.tilestored64", [_I8(acc), builder.gep(out, [_I64(offset)]), _I64(BLOCK * 4)])
-        return context.get_dummy_value()
+    return intrinsic(block)
 
-    return types.void(block, x, x0, cp, row, kernel_h, kernel_w, panel, column, bias, c0), codegen
+
+_block_square = _tile_block(2, 2)  # 32 pixels x 32 channels
+_block_wide = _tile_block(1, 4)    # 16 pixels x 64 channels
 
 
 @inline
-def _store_partial_row(y, res, block_ptr, p, dst, width, has_residual, relu):
-    """``y[dst + j] = relu?(block[p, j] + res[dst + j])`` for j < width (the block's row p)."""
-    if width == BLOCK:
+def _store_partial_row(y, res, block_ptr, p, dst, width, wide, has_residual, relu):
+    """``y[dst + j] = relu?(block[p, j] + res[dst + j])`` for j < width (the block's row p, 32 or 64 wide)."""
+    if wide and width == PANEL:
+        store_panel_row(y, dst, block_ptr, p * PANEL, res, has_residual, relu)
+    elif not wide and width == BLOCK:
         store_block_row(y, dst, block_ptr, p * BLOCK, res, has_residual, relu)
     else:
         block = carray(block_ptr, (BLOCK_FLOATS,))
+        at = p * (PANEL if wide else BLOCK)
         for j in range(width):
-            v = block[p * BLOCK + j] + res[dst + j] if has_residual else block[p * BLOCK + j]
+            v = block[at + j] + res[dst + j] if has_residual else block[at + j]
             y[dst + j] = max(v, 0.0) if relu else v
 
 
 @pjit
-def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, relu, nchunks, group, rounded, top, left):
+def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, relu, nchunks, group, rounded, top, left,
+                       wide):
     """Stride-1 convolution of a padded bf16 input on AMX tiles, accumulated in float32.
 
     Parameters
@@ -195,13 +222,15 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
         rounded to bf16, at (top, left) of each image (the next convolution's padded input), and not
         to ``out``; no residual then
     top, left : int
+    wide : bool, blocks of 16 pixels x 64 channels (``_block_wide``) rather than 32 x 32
     """
     n, oh, ow, cout = out.shape
     nblk, pairs = panels.shape[1], panels.shape[2]
     cp = 2 * pairs // (kernel_h * kernel_w)
     wp, hp = ow + kernel_w - 1, oh + kernel_h - 1
     virtual = oh * wp  # computed pixels per image, the padded width's extra columns included
-    blocks = (virtual + BLOCK - 1) // BLOCK
+    pixels, width = (ROWS, PANEL) if wide else (BLOCK, BLOCK)  # a block's pixels and channels
+    blocks = (virtual + pixels - 1) // pixels
     has_residual = residual.size > 0
     y, res = out.reshape(-1), residual.reshape(-1)
     to_bf16, y16, rh, rw = rounded.size > 0, rounded.reshape(-1), rounded.shape[1], rounded.shape[2]
@@ -211,22 +240,29 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
         _tiles_begin(CONFIG)
         block_ptr = stack_f32(BLOCK_FLOATS)
         for blk in range(chunk * blocks // nchunks, (chunk + 1) * blocks // nchunks):
-            u0 = blk * BLOCK
+            u0 = blk * pixels
             for b in range(first, min(first + group, nblk)):
-                for half in range(PANEL // BLOCK):
-                    c0 = b * PANEL + half * BLOCK
-                    _block(block_ptr, inp, (image * hp * wp + u0) * cp, cp, wp * cp, kernel_h, kernel_w,
-                           panels[0, b], half * BLOCK, bias, c0)
-                    width = min(BLOCK, cout - c0)
+                for part in range(PANEL // width):
+                    c0 = b * PANEL + part * width
+                    at = (image * hp * wp + u0) * cp
+                    if wide:
+                        _block_wide(block_ptr, inp, at, cp, wp * cp, kernel_h, kernel_w, panels[0, b], 0, bias, c0)
+                    else:
+                        _block_square(block_ptr, inp, at, cp, wp * cp, kernel_h, kernel_w, panels[0, b], part * width,
+                                      bias, c0)
+                    valid = min(width, cout - c0)
                     row, col = divmod(u0, wp)  # the block's first pixel, then step (no division per pixel)
-                    for p in range(min(BLOCK, virtual - u0)):
-                        if col < ow and width > 0:
-                            if to_bf16:  # whole block rows: a fed consumer's channels fill tile rows
-                                at = ((image * rh + row + top) * rw + col + left) * cout + c0
-                                store_block_row(y16, at, block_ptr, p * BLOCK, res, False, relu)
+                    for p in range(min(pixels, virtual - u0)):
+                        if col < ow and valid > 0:
+                            if to_bf16:  # whole rows: a fed consumer's channels fill tile rows
+                                dst = ((image * rh + row + top) * rw + col + left) * cout + c0
+                                if wide:
+                                    store_panel_row(y16, dst, block_ptr, p * PANEL, res, False, relu)
+                                else:
+                                    store_block_row(y16, dst, block_ptr, p * BLOCK, res, False, relu)
                             else:
                                 _store_partial_row(y, res, block_ptr, p, ((image * oh + row) * ow + col) * cout + c0,
-                                                   width, has_residual, relu)
+                                                   valid, wide, has_residual, relu)
                         col += 1
                         if col == wp:
                             row, col = row + 1, 0
@@ -290,6 +326,17 @@ def im2col_to_bf16_forward(out, inp, kernel_h, kernel_w, stride, top, left):
                             dst[at + j * c + ch] = _bf16_bits(src[((img * h + yy) * w + xx) * c + ch]) if 0 <= xx < w else 0
             for k in range(base + kernel_h * run, base + depth):
                 dst[k] = 0
+
+
+def wide_blocks(pixels):
+    """Whether a convolution computing ``pixels`` (the whole batch's, virtual ones included) uses 16 x 64
+    blocks: where its weights serve at most four pixel tiles, so that streaming them decides."""
+    return pixels <= 4 * ROWS
+
+
+def block_pixels(wide):
+    """Pixels per block: 16 (1 x 4 tiles) or 32 (2 x 2)."""
+    return ROWS if wide else BLOCK
 
 
 def gathered(kernel_size, in_channels):

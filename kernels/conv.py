@@ -445,7 +445,7 @@ class Conv2DPlan:
             winograd = _measured_winograd(packed, input_shape, pads, rule) if measure else rule
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
-        self.amx = False
+        self.amx = self.wide = False
         self.bf16_output = (NO_BF16_OUTPUT, 0, 0)  # where ``feed`` sends the output instead of ``out``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
@@ -471,14 +471,17 @@ class Conv2DPlan:
                 depth = 2 * packed.panels.shape[2]
                 self.rounded = _memory.zeros(n * oh * ow * depth + (amx.BLOCK + 1) * depth, np.uint16)
                 self.rounded_view = self.rounded[: n * oh * ow * depth].reshape(n, oh, ow, depth)
-                self.blocks = -(-n * oh * ow // amx.BLOCK)
+                self.wide = amx.wide_blocks(n * oh * ow)
+                self.blocks = -(-n * oh * ow // amx.block_pixels(self.wide))
                 self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
             elif self.amx:  # AMX tiles read up to a block of pixels past the end: a zeroed tail
                 rows, cols = (hp, wp) if stride == 1 else (oh, ow)
                 size = n * rows * cols * cp
                 self.rounded = _memory.zeros(size + (amx.BLOCK + kw) * cp, np.uint16)
                 self.rounded_view = self.rounded[:size].reshape(n, rows, cols, cp)
-                self.blocks = -(-oh * (wp if stride == 1 else ow) // amx.BLOCK)  # per image
+                virtual = oh * (wp if stride == 1 else ow)  # per image, the padded width's columns included
+                self.wide = amx.wide_blocks(n * virtual)
+                self.blocks = -(-virtual // amx.block_pixels(self.wide))
                 self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)  # whole panels
             else:
                 self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
@@ -493,8 +496,8 @@ class Conv2DPlan:
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
         if packed.precision == "bf16":
-            self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + f"{amx.KERNEL} 32x32" if self.amx
-                           else bf16.description())
+            self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
+                           if self.amx else bf16.description())
             self.dot = not self.amx and bf16.use_dot()
 
     def _split(self, panels, runs, ntiles):
@@ -559,7 +562,7 @@ class Conv2DPlan:
                 res = residual.reshape(rows.shape) if residual.size else residual
                 amx.conv2d_amx_forward(rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh,
                                        1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks),
-                                       *self.bf16_output)
+                                       *self.bf16_output, self.wide)
                 return out
             bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
                                      *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)

@@ -148,10 +148,11 @@ def test_without_amx_the_vector_kernel_gives_the_same_answers():
         assert "amx" not in kernel and kernel == bf16.kernel()
 
 
-def test_a_plan_can_feed_the_next_convolution_its_bf16_input():
+@pytest.mark.parametrize("shape", [(2, 9, 10, 64), (1, 4, 5, 64)], ids=["32x32 blocks", "16x64 blocks"])
+def test_a_plan_can_feed_the_next_convolution_its_bf16_input(shape):
     """The producer rounds its output straight into the consumer's padded input: same answer, bit for bit."""
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((2, 9, 10, 64), dtype=np.float32)
+    x = rng.standard_normal(shape, dtype=np.float32)
     w1, w2 = rng.standard_normal((1, 1, 64, 64), dtype=np.float32), rng.standard_normal((3, 3, 64, 96), dtype=np.float32)
     b1, b2 = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(96, dtype=np.float32)
     outs = []

@@ -78,6 +78,13 @@ CASES = {  # name: (input shape, kernel shape, stride, padding, residual)
     "Cout 10, 3x3/2 same": ((1, 13, 12, 16), (3, 3, 16, 10), 2, "same", False),
     "batch 3": ((3, 10, 9, 24), (3, 3, 24, 130), 1, "same", False),
     "residual + relu": ((2, 8, 7, 40), (3, 3, 40, 96), 1, "same", True),
+    # shapes that take each of AMX's paths, where the CPU has it (tests/test_amx.py): 32x32 and 16x64 blocks,
+    # a strided 1x1 (subsampled), a strided 3x3 (the vector kernel), the stem (gathered)
+    "3x3, 32x32 blocks": ((2, 9, 11, 64), (3, 3, 64, 96), 1, "same", True),
+    "3x3, 16x64 blocks": ((1, 7, 7, 128), (3, 3, 128, 64), 1, "same", False),
+    "1x1, 96 channels": ((3, 5, 6, 96), (1, 1, 96, 70), 1, "valid", True),
+    "1x1/2": ((2, 13, 12, 64), (1, 1, 64, 128), 2, "valid", False),
+    "3x3/2, 64 channels": ((1, 12, 13, 64), (3, 3, 64, 64), 2, "same", True),
 }
 
 

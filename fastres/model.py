@@ -14,7 +14,7 @@ from .errors import FastresError, InputError, ModelFormatError
 from .config import parse_config
 from .graph import ACTIVATION_KINDS, StoredKernel, attach_weights, infer_shapes
 from .kerasfile import read_model_file
-from .kernels import _numba
+from .kernels import _numba, amx, bf16
 from .kernels.conv import PANEL
 from .rewrites import rewrite
 
@@ -162,10 +162,8 @@ class Model:
         for op in self._ops:
             if op.kind in ("Conv2D", "Dense"):
                 kernel = op.weights[0]
-                if isinstance(kernel, StoredKernel):  # read, checked and folded straight into its panels
-                    packed = _pack_stored(kernel)
-                    if precision == "bf16":  # folded in float32, then rounded once; the float32 panels go
-                        packed = K.pack_conv2d(np.ascontiguousarray(packed.unpacked()), precision="bf16")
+                if isinstance(kernel, StoredKernel):  # read, checked, folded (and rounded) straight into its panels
+                    packed = _pack_stored(kernel, precision)
                 else:
                     packed = K.pack_conv2d(kernel, precision=precision)
                 self._packed[op.name] = packed
@@ -356,18 +354,26 @@ class Model:
         return plan.run(x, out)
 
 
-def _pack_stored(kernel, chunk_bytes=1 << 20):
+def _pack_stored(kernel, precision="fp32", chunk_bytes=1 << 20):
     """``K.pack_conv2d`` of a kernel still in the file, read straight into its panels: no copy of the whole kernel.
 
     The panels are ``[Cout/64][KH*KW*Cin][64]``: the kernel's rows (KH*KW*Cin of them, Cout wide) are read
     about ``chunk_bytes`` at a time, each chunk a contiguous run of the dataset, into a small buffer, checked,
-    scaled by the folded batch-norms and copied into their place in every panel.
+    scaled by the folded batch-norms and copied into their place in every panel; in bf16 rounded there, into
+    panels of row pairs (``kernels.bf16.pack_bf16``), so no float32 copy of the kernel is made either.  A bf16
+    kernel with an odd number of input channels, or one that AMX gathers (the thin stem), is read whole.
     """
     shape = kernel.shape if kernel.ndim == 4 else (1, 1, *kernel.shape)
     *lead, cin, cout = kernel.shape
+    half = precision == "bf16"
+    if half and (cin % 2 or amx.gathered(shape[:2], cin)):
+        return K.pack_conv2d(kernel.read(), precision="bf16")
     nblk, width = -(-cout // PANEL), -(-cout // PANEL) * PANEL
-    panels = K.aligned_empty((1, nblk, math.prod(shape[:3]), PANEL))
+    depth = math.prod(shape[:3])
+    panels = (K.aligned_empty((1, nblk, depth // 2, PANEL, 2), np.uint16) if half
+              else K.aligned_empty((1, nblk, depth, PANEL)))
     step = max(1, min(cin, chunk_bytes // (4 * width)))
+    step = max(2, step - step % 2) if half else step  # whole row pairs (Cin is even)
     rows = np.zeros((step, width), np.float32)  # zero past Cout: the last panel's padding
     at, read = 0, kernel.stored.reader()
     for index in np.ndindex(*lead):
@@ -377,9 +383,13 @@ def _pack_stored(kernel, chunk_bytes=1 << 20):
             kernel.check(rows[:n])
             for scale in kernel.scales:  # in order: the same float32 products as on the whole kernel
                 rows[:n, :cout] *= scale
-            panels[0, :, at:at + n] = rows[:n].reshape(n, nblk, PANEL).transpose(1, 0, 2)
+            if half:
+                pairs = bf16.to_bf16(rows[:n]).reshape(n // 2, 2, nblk, PANEL)
+                panels[0, :, at // 2:(at + n) // 2] = pairs.transpose(2, 0, 3, 1)
+            else:
+                panels[0, :, at:at + n] = rows[:n].reshape(n, nblk, PANEL).transpose(1, 0, 2)
             at += n
-    return K.PackedConv2D(shape, panels, False)
+    return K.PackedConv2D(shape, panels, False, precision)
 
 
 def _layout(ops, output, shapes, n):
@@ -461,14 +471,15 @@ def plan_bytes(ops, output, shape, precision="fp32"):
 class _SharedScratch:
     """One buffer per kind of convolution scratch, shared by all the convolutions of a plan.
 
-    A Conv2DPlan's padded input (``padded``), Winograd blocks (``v``, ``m``) and im2col columns
-    (``cols``) are written whole before they are read, within its own call, and a plan runs
-    one convolution at a time (a plan belongs to one thread): they can all live in the same
-    memory.  ``share`` points a convolution's buffers at the plan's (its own are released at
+    A Conv2DPlan's padded input (``padded``), Winograd blocks (``v``, ``m``), im2col columns
+    (``cols``) and bf16 input (``rounded``) are written whole before they are read, within its
+    own call, and a plan runs one convolution at a time (a plan belongs to one thread): they can
+    all live in the same memory.  (A bf16 input that another convolution writes, ``feed``, gets
+    its own buffer again.)  ``share`` points a convolution's buffers at the plan's (its own are released at
     once); ``finish`` points every convolution at the final, largest buffer of each kind.
     """
 
-    KINDS = ("padded", "v", "m", "cols")
+    KINDS = ("padded", "v", "m", "cols", "rounded")
 
     def __init__(self):
         self.buffers, self.users = {}, []

@@ -9,6 +9,8 @@ applies ReLU while storing.  1x1 convolutions and dense layers are the same
 kernel with one tap.  A kernel packed with ``im2col=True`` gathers its receptive
 fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
 """
+import math
+
 import numpy as np
 from numba import carray, prange
 
@@ -470,7 +472,7 @@ class Conv2DPlan:
             if packed.im2col:  # rows of receptive fields, run as a 1x1 over (1, 1, N*OH*OW)
                 depth = 2 * packed.panels.shape[2]
                 self.rounded = _memory.zeros(n * oh * ow * depth + (amx.BLOCK + 1) * depth, np.uint16)
-                self.rounded_view = self.rounded[: n * oh * ow * depth].reshape(n, oh, ow, depth)
+                self.rounded_shape = (n, oh, ow, depth)
                 self.wide = amx.wide_blocks(n * oh * ow)
                 self.blocks = -(-n * oh * ow // amx.block_pixels(self.wide))
                 self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
@@ -478,14 +480,15 @@ class Conv2DPlan:
                 rows, cols = (hp, wp) if stride == 1 else (oh, ow)
                 size = n * rows * cols * cp
                 self.rounded = _memory.zeros(size + (amx.BLOCK + kw) * cp, np.uint16)
-                self.rounded_view = self.rounded[:size].reshape(n, rows, cols, cp)
+                self.rounded_shape = (n, rows, cols, cp)
                 virtual = oh * (wp if stride == 1 else ow)  # per image, the padded width's columns included
                 self.wide = amx.wide_blocks(n * virtual)
                 self.blocks = -(-virtual // amx.block_pixels(self.wide))
                 self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)  # whole panels
             else:
                 self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
-                self.rounded_view = self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
+                self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
+                self.rounded_shape = self.rounded.shape
         elif packed.im2col:
             self.cols = _memory.empty((n * oh * ow, kh * kw * cin))
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
@@ -509,6 +512,11 @@ class Conv2DPlan:
                                                    by_tiles=self.winograd)
         return split
 
+    @property
+    def rounded_view(self):
+        """The bf16 input as (N, H', W', C'): the padded input, the subsampled one or the gathered fields."""
+        return self.rounded.reshape(-1)[: math.prod(self.rounded_shape)].reshape(self.rounded_shape)
+
     def can_feed(self, consumer):
         """True when this plan can write its output, rounded to bf16, straight into ``consumer``'s
         padded input (both on AMX, the consumer a stride-1 convolution of this output)."""
@@ -525,6 +533,7 @@ class Conv2DPlan:
         """
         if not self.can_feed(consumer):
             raise ValueError("Conv2DPlan.feed: the consumer cannot take this plan's output as its bf16 input")
+        consumer.rounded = _memory.zeros(consumer.rounded.shape, np.uint16)  # its own: the border stays zero
         self.bf16_output = (consumer.rounded_view, consumer.pads[0], consumer.pads[2])
         consumer.prerounded = True
 

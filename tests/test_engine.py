@@ -258,8 +258,9 @@ def test_one_packing_per_convolution(rng):
     assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd is None  # direct only
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])
-def test_kernels_read_straight_into_panels(chunk_bytes, files, monkeypatch):
+def test_kernels_read_straight_into_panels(chunk_bytes, precision, files, monkeypatch):
     """load reads each kernel from the file into its packed panels, batch-norms folded there, a chunk of rows
     at a time: the very weights that folding the whole kernel and packing it gives."""
     from fastres import kernels as K, limits, model as M
@@ -271,8 +272,8 @@ def test_kernels_read_straight_into_panels(chunk_bytes, files, monkeypatch):
     if not path.exists():
         build_and_save(keras, lambda: km.rare_options(keras), 8, path)
     real = M._pack_stored
-    monkeypatch.setattr(M, "_pack_stored", lambda kernel: real(kernel, chunk_bytes))
-    fr = fastres.load(path)
+    monkeypatch.setattr(M, "_pack_stored", lambda kernel, precision: real(kernel, precision, chunk_bytes))
+    fr = fastres.load(path, precision=precision)
     with read_model_file(path) as data:  # the reference: every array read whole, folded, then packed
         layers, output, shape = M._graph(path, data, None, "softmax", limits.memory_limit())
         for layer in layers:
@@ -281,4 +282,4 @@ def test_kernels_read_straight_into_panels(chunk_bytes, files, monkeypatch):
     packed = [op for op in ops if op.kind in ("Conv2D", "Dense")]
     assert len(packed) == 4 and any(op.folded for op in packed)  # three convolutions (two with a batch-norm), a dense
     for op in packed:
-        np.testing.assert_array_equal(fr._packed[op.name].panels, K.pack_conv2d(op.weights[0]).panels)
+        np.testing.assert_array_equal(fr._packed[op.name].panels, K.pack_conv2d(op.weights[0], precision=precision).panels)

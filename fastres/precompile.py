@@ -100,4 +100,14 @@ def compile_all():
         plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=winograd)
         out = np.empty(plan.output_shape, np.float32)
         plan(out, x, np.zeros(16, np.float32), np.ones_like(out), True)
+    # bf16's other paths: (on AMX) the tiles, a strided 1x1's subsampling and a fed output; the vector kernel
+    x = np.ones((1, 12, 12, 32), np.float32)
+    first = K.Conv2DPlan(K.pack_conv2d(np.ones((1, 1, 32, 32), np.float32), precision="bf16"), x.shape, 1, (0,) * 4)
+    for kernel, stride, pads in (((3, 3, 32, 32), 1, (1,) * 4), ((1, 1, 32, 32), 2, (0,) * 4), ((3, 3, 32, 32), 2, (1,) * 4)):
+        plan = K.Conv2DPlan(K.pack_conv2d(np.ones(kernel, np.float32), precision="bf16"), x.shape, stride, pads)
+        if first.can_feed(plan):
+            first.feed(plan)
+            first(np.empty(first.output_shape, np.float32), x, np.zeros(32, np.float32))
+        out = np.empty(plan.output_shape, np.float32)
+        plan(out, x, np.zeros(32, np.float32), np.ones_like(out), True)
     return path, time.perf_counter() - start

@@ -10,13 +10,18 @@ channels), columns are output channels.
   pixels are 16 rows at one stride and a tile loads them straight from the bf16 input
   (``tileloadd``).  The Wp - OW columns past the output's right edge are computed and
   dropped.  A strided 1x1 convolution first subsamples its input
-  (``subsample_to_bf16_forward``).  Other strided convolutions, and inputs whose channels
-  are not a multiple of 32 (the 3-channel stem), use ``bf16.conv2d_bf16_forward``.
+  (``subsample_to_bf16_forward``); inputs whose channels do not fill a 32-wide tile row
+  (the 3-channel stem) are gathered first (``im2col_to_bf16_forward``) and run as a 1x1.
+  Other strided convolutions use ``bf16.conv2d_bf16_forward``.
 * Weights.  The bf16 panels of ``bf16.pack_bf16`` are already in AMX's pair layout: 16
   pair rows of 16 columns of a 64-column panel are one B tile, 256 bytes apart.
-* Blocking.  Each step computes 32 pixels x 32 output channels in four float32 tiles,
-  from two A and two B tiles (all eight tile registers), stores them to a stack block,
-  and adds the bias and residual and applies ReLU in float32 as ``store_tile`` does.
+* Blocking (``_tile_block``).  A step computes 32 pixels x 32 output channels from two
+  pixel and two weight tiles (all eight tile registers), or, for layers of few pixels,
+  16 pixels x 64 channels from one pixel tile and the four weight tiles in turn.  The
+  sums start at the bias (a stride-0 tile load), go to a stack block, and the residual
+  and ReLU are applied in float32 as they are stored (``_tile.store_*_row``); or, where
+  the only reader is the next convolution (``Conv2DPlan.feed``), they are stored rounded
+  to bf16 straight into its padded input.
 
 Linux asks a process to request AMX state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``) before
 it may use it; ``AMX`` is True only when that succeeded, the CPU reports ``amx_bf16``,
@@ -39,7 +44,7 @@ from .bf16 import _bf16_bits
 ROWS = 16        # pixels (and pair rows) per tile
 DEPTH = 32       # bf16 channels per tile row (64 bytes)
 BLOCK = 32       # pixels and output channels per step: 2 x 2 tiles
-PREFETCH_STEPS = 4  # steps ahead whose weights are prefetched (2, 4 and 8 tried: 4 was best)
+PREFETCH_STEPS = 4  # steps ahead whose weights are prefetched (0, 2, 4, 8 and 16 tried: 4 was best)
 BLOCK_FLOATS = BLOCK * BLOCK  # a module constant, so Numba sees a literal
 _AMX_CPUS = {"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"}
 
@@ -217,10 +222,10 @@ def conv2d_amx_forward(out, inp, panels, bias, residual, kernel_h, kernel_w, rel
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_h, kernel_w : int
     relu : bool
-    nchunks, group : int, from ``conv.work_split`` over (N, blocks of 32 pixels per image)
-    rounded : uint16 (N, OH + top + ..., OW + left + ..., Cout), or empty: then the output goes there,
-        rounded to bf16, at (top, left) of each image (the next convolution's padded input), and not
-        to ``out``; no residual then
+    nchunks, group : int, from ``conv.work_split`` over (N, blocks of 32 or 16 pixels per image)
+    rounded : uint16 (N, OH + top + ..., OW + left + ..., Cout), or (0, 0, 0, 0): when not empty the
+        output goes there, rounded to bf16, at (top, left) of each image (the next convolution's
+        padded input), and not to ``out``; no residual then
     top, left : int
     wide : bool, blocks of 16 pixels x 64 channels (``_block_wide``) rather than 32 x 32
     """

@@ -420,6 +420,11 @@ class Conv2DPlan:
     transformed weights; otherwise, or with wisdom off, the rule decides: at least
     ``WINOGRAD_MIN_TILES`` blocks and ``WINOGRAD_MIN_FLOPS``.
 
+    A bf16 packing (``pack_conv2d(w, precision="bf16")``) rounds the input to bf16 into
+    ``rounded`` on each call and runs on AMX where ``amx.usable`` (or, packed for it,
+    gathered by im2col), else on ``bf16.conv2d_bf16_forward``; never Winograd.  ``feed``
+    lets one plan write the next one's bf16 input.
+
     Parameters
     ----------
     packed : PackedConv2D

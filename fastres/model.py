@@ -44,8 +44,9 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
     precision : "fp32" or "bf16"
         bf16 rounds every Conv2D and Dense kernel (folded in float32) to bfloat16 once, here,
         and keeps only that: half the weight memory; each convolution rounds its input to bf16
-        and accumulates in float32 (see ``fastres.kernels.bf16``).  On a CPU without
-        AVX512-BF16 the products are float32 (the weights widened), with a warning.
+        and accumulates in float32.  The products run on AMX tiles where the CPU and OS allow
+        it (``fastres.kernels.amx``), else on ``vdpbf16ps`` or float32 FMAs (``fastres.kernels.bf16``);
+        on a CPU without AVX512-BF16 (so no faster arithmetic), with a warning.
 
     Raises
     ------
@@ -430,8 +431,9 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
     "own": its tile starts; "padded": its padded input; "v", "m": its Winograd blocks.  A plan's
     convolutions share one buffer of each of the last three kinds (``_SharedScratch``), so a plan
     needs the largest of each.  The Winograd kernel packing is a weight, made once per layer, and
-    not counted here.  In bf16 every convolution has its own bf16 copy of its (padded) input, or
-    of its gathered receptive fields, and none runs Winograd.
+    not counted here.  In bf16 each convolution's bf16 copy of its (padded) input, or of its gathered
+    receptive fields, is counted whole (most share one buffer, but a fed one has its own), and none
+    runs Winograd.
     """
     found = {"own": 0, "padded": 0, "v": 0, "m": 0}
     if op.kind not in ("Conv2D", "Dense"):

@@ -5,8 +5,9 @@ output.  Written as a Numba loop it stays scalar: LLVM unrolls a loop of 32 or 6
 and then cannot tell that the output and the residual (or the accumulators, once their
 address has been passed to an intrinsic) do not overlap, so it will not combine the
 scalar stores into vectors (measured: 64 ``vmovss`` for a 32-float copy, and the AMX
-convolution's store cost 5x its tile products).  ``store_row`` emits the vector loads
-and stores itself.
+convolution's store cost 5x its tile products).  ``store_panel_row`` and
+``store_block_row`` emit the vector loads and stores themselves, and round to bf16 on the
+way for a uint16 output.
 """
 from llvmlite import ir
 from numba import types

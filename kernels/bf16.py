@@ -1,23 +1,25 @@
-"""bfloat16 convolution: half the weight memory, and twice the products per instruction on AVX512-BF16.
+"""bfloat16 convolution: half the weight memory; the vector kernel, and the rounding shared with ``amx``.
 
 A bf16 value is the upper half of a float32 (8 exponent bits, 8 significant bits), kept
 here as ``uint16`` and rounded to nearest even (``to_bf16``).
 
 * Weights are folded in float32, then rounded once at pack time (``pack_bf16``) and kept
   only in bf16.  Their panels hold the rows in pairs, ``panels[0, b, p, j, e] =
-  w[row 2p + e, 64b + j]``, because one ``vdpbf16ps`` adds two products per float32 lane.
-  The input channels are rounded up to an even count with a zero channel, so a pair
-  never straddles two kernel rows (the 3-channel stem runs as 4 channels).
-* Activations stay float32 between layers.  Each convolution rounds its input to bf16
-  while zero-padding it (``pad_to_bf16_forward``): the residual, the bias and the ReLU
-  are applied in float32 as the tile is stored, and the next layer reads float32.
-* The tile's inner product (``_dot_tile``) is emitted in LLVM IR: ``vdpbf16ps`` where
-  the target has AVX512-BF16 (``BF16_DOT``), else the two halves of each pair are
-  widened to float32 by a shift and a mask and multiplied with float32 FMAs (still
-  half the weight bandwidth).  Accumulation is float32 in both.
+  w[row 2p + e, 64b + j]``, because one ``vdpbf16ps`` (and one AMX ``tdpbf16ps`` row)
+  adds two products per float32 lane.  The input channels are rounded up to an even count
+  with a zero channel, so a pair never straddles two kernel rows.
+* Activations stay float32 between layers, except where ``Conv2DPlan.feed`` hands a
+  convolution's output, rounded, straight to the next one.  Otherwise each convolution
+  rounds its input to bf16 while zero-padding it (``pad_to_bf16_forward``); the residual,
+  the bias and the ReLU are applied in float32 as the tile is stored.
+* This module's kernel (``conv2d_bf16_forward``, a 6 x 64 register tile like float32's)
+  runs where AMX does not (``amx.usable``): its inner product (``_dot_tile``) is emitted in
+  LLVM IR, on ``vdpbf16ps`` where the target has AVX512-BF16 and it was measured faster
+  (``use_dot``), else with the two halves of each pair widened to float32 by a shift and a
+  mask and multiplied with float32 FMAs (still half the weight bandwidth).  Accumulation
+  is float32 in both.
 * Winograd is not used in bf16: its transforms multiply the rounding error of the bf16
-  inputs and weights, and the direct bf16 kernel already does the products at twice
-  the float32 rate.
+  inputs and weights.
 """
 import numpy as np
 from llvmlite import ir

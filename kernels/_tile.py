@@ -1,4 +1,6 @@
-"""The register tile's store, shared by the float32, bf16 and AMX convolution kernels.
+"""The register tile's geometry and store, shared by the float32, bf16 and AMX convolution kernels.
+
+``pixel_starts`` gives each tile's input offsets; the rest of this module is the store.
 
 The store adds the residual and applies ReLU to a row of accumulators as it writes the
 output.  Written as a Numba loop it stays scalar: LLVM unrolls a loop of 32 or 64 fully,
@@ -9,12 +11,41 @@ convolution's store cost 5x its tile products).  ``store_panel_row`` and
 ``store_block_row`` emit the vector loads and stores themselves, and round to bf16 on the
 way for a uint16 output.
 """
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._numba import PANEL, TILE, VECTOR_FLOATS, inline
+from ._numba import PANEL, TILE, VECTOR_FLOATS, inline, jit
+
+
+@jit
+def pixel_starts(out_shape, in_shape, stride, runs):
+    """Offset in the flat padded input of each output pixel's first tap, per tile.
+
+    Parameters
+    ----------
+    out_shape : (N, OH, OW, Cout)
+    in_shape : (N, Hp, Wp, Cin), the padded input
+    stride : int
+    runs : int, 1, or N when every image has its own weights (tiles then stop at image ends)
+
+    Returns
+    -------
+    int64 (runs, ceil(pixels per run / TILE) * TILE); a run's last tile repeats its last pixel
+    """
+    n, oh, ow = out_shape[0], out_shape[1], out_shape[2]
+    hp, wp, cin = in_shape[1], in_shape[2], in_shape[3]
+    run_pixels = n * oh * ow // runs
+    ntiles = (run_pixels + TILE - 1) // TILE
+    starts = np.empty((runs, ntiles * TILE), np.int64)
+    for run in range(runs):
+        for local in range(ntiles * TILE):
+            q = run * run_pixels + min(local, run_pixels - 1)
+            img, rest = q // (oh * ow), q % (oh * ow)
+            starts[run, local] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
+    return starts
 
 
 def _row_store(count):

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 from . import _memory, wisdom
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, get_num_threads, inline, pjit,
                      prefetch, stack_f32, stack_u64)
-from ._tile import store_tile
+from ._tile import pixel_starts, store_tile
 
 LANES = VECTOR_FLOATS
 ACC = TILE * PANEL
@@ -210,7 +210,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
     out : float32 (N, OH, OW, Cout), written
     inp : uint16 (N, Hp, Wp, Cp) bf16, padded so that every tap is in bounds; Cp even
     panels : uint16 (1, nblk, KH*KW*Cp/2, 64, 2) from ``pack_bf16``
-    starts : int64 (1, tiles * TILE) from ``conv.pixel_starts`` (it holds the stride)
+    starts : int64 (1, tiles * TILE) from ``pixel_starts`` (it holds the stride)
     bias : float32 (Cout,)
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
@@ -312,8 +312,7 @@ def _product_timing(dot):
     inp = to_bf16(rng.standard_normal((1, size, size, cp), dtype=np.float32))
     panels = pack_bf16(rng.standard_normal((3, 3, cp, cout), dtype=np.float32))
     out = _memory.empty((1, size - 2, size - 2, cout))
-    pixels = np.arange(-(-out.shape[1] * out.shape[2] // TILE) * TILE).clip(max=out.shape[1] * out.shape[2] - 1)
-    starts = ((pixels // out.shape[2] * size + pixels % out.shape[2]) * cp)[None].astype(np.int64)
+    starts = pixel_starts(out.shape, inp.shape, 1, 1)
     bias, none = np.zeros(cout, np.float32), np.zeros((0, 0, 0, 0), np.float32)
     chunks = max(1, min(starts.shape[1] // TILE, 2 * get_num_threads()))
     return lambda: conv2d_bf16_forward(out, inp, panels, starts, bias, none, 3, True, chunks, panels.shape[1], dot)

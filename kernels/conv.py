@@ -16,7 +16,7 @@ from numba import carray, prange
 
 from . import _checks, _memory, amx, bf16, wisdom
 from ._im2col import im2col_forward
-from ._tile import store_tile
+from ._tile import pixel_starts, store_tile
 from ._numba import (CPU_NAME, ISA, PANEL, TILE, cpu_model, evict_line, get_num_threads, jit, l2_bytes, pjit, prefetch,
                      stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
@@ -153,34 +153,6 @@ def pack_conv2d(w, im2col=False, precision="fp32"):
             return PackedConv2D(w.shape, bf16.pack_bf16(rows[None, None]), True, "bf16")
         return PackedConv2D(w.shape, bf16.pack_bf16(w), False, "bf16")
     return PackedConv2D(w.shape, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
-
-
-@jit
-def pixel_starts(out_shape, in_shape, stride, runs):
-    """Offset in the flat padded input of each output pixel's first tap, per tile.
-
-    Parameters
-    ----------
-    out_shape : (N, OH, OW, Cout)
-    in_shape : (N, Hp, Wp, Cin), the padded input
-    stride : int
-    runs : int, 1, or N when every image has its own weights (tiles then stop at image ends)
-
-    Returns
-    -------
-    int64 (runs, ceil(pixels per run / TILE) * TILE); a run's last tile repeats its last pixel
-    """
-    n, oh, ow = out_shape[0], out_shape[1], out_shape[2]
-    hp, wp, cin = in_shape[1], in_shape[2], in_shape[3]
-    run_pixels = n * oh * ow // runs
-    ntiles = (run_pixels + TILE - 1) // TILE
-    starts = np.empty((runs, ntiles * TILE), np.int64)
-    for run in range(runs):
-        for local in range(ntiles * TILE):
-            q = run * run_pixels + min(local, run_pixels - 1)
-            img, rest = q // (oh * ow), q % (oh * ow)
-            starts[run, local] = ((img * hp + rest // ow * stride) * wp + rest % ow * stride) * cin
-    return starts
 
 
 def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False):
@@ -480,7 +452,6 @@ class Conv2DPlan:
                 self.rounded_shape = (n, oh, ow, depth)
                 self.wide = amx.wide_blocks(n * oh * ow)
                 self.blocks = -(-n * oh * ow // amx.block_pixels(self.wide))
-                self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
             elif self.amx:  # AMX tiles read up to a block of pixels past the end: a zeroed tail
                 rows, cols = (hp, wp) if stride == 1 else (oh, ow)
                 size = n * rows * cols * cp
@@ -489,11 +460,12 @@ class Conv2DPlan:
                 virtual = oh * (wp if stride == 1 else ow)  # per image, the padded width's columns included
                 self.wide = amx.wide_blocks(n * virtual)
                 self.blocks = -(-virtual // amx.block_pixels(self.wide))
-                self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)  # whole panels
             else:
                 self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
                 self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
                 self.rounded_shape = self.rounded.shape
+            if self.amx:  # the tiles load the bias of whole panels
+                self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
         elif packed.im2col:
             self.cols = _memory.empty((n * oh * ow, kh * kw * cin))
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
@@ -561,14 +533,13 @@ class Conv2DPlan:
         kh, kw = self.packed.kernel_size
         if self.packed.precision == "bf16":
             bits = x.view(np.uint32)
-            if self.prerounded:
-                pass
-            elif self.packed.im2col:
-                amx.im2col_to_bf16_forward(self.rounded_view, bits, kh, kw, self.stride, self.pads[0], self.pads[2])
-            elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
-                amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
-            else:
-                bf16.pad_to_bf16_forward(self.rounded_view, bits, self.pads[0], self.pads[2])
+            if not self.prerounded:  # else the producer has written it (``feed``)
+                if self.packed.im2col:
+                    amx.im2col_to_bf16_forward(self.rounded_view, bits, kh, kw, self.stride, self.pads[0], self.pads[2])
+                elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
+                    amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
+                else:
+                    bf16.pad_to_bf16_forward(self.rounded_view, bits, self.pads[0], self.pads[2])
             if self.amx:
                 self.bias[: bias.size] = bias
                 one_by_one = self.packed.im2col or self.stride > 1

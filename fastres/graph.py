@@ -68,7 +68,7 @@ class Layer:
     weights: list = field(default_factory=list)
     activation: Activation = None     # applied to the output
     residual: str | None = None       # Conv2D/Dense: a value added before the activation
-    pads: tuple = (0, 0, 0, 0)        # Conv2D: extra zeros (top, bottom, left, right) from a ZeroPadding2D
+    pads: tuple = (0, 0, 0, 0)        # Conv2D, "valid" pooling: zeros (top, bottom, left, right) of a ZeroPadding2D
     folded: list = field(default_factory=list)  # names of the layers merged into this one
     key: str = None
 
@@ -240,7 +240,10 @@ def infer_shapes(layers, input_shape):
             out = (_spatial(h, kh, s, a["padding"], layer.name), _spatial(w, kw, s, a["padding"], layer.name), a["filters"])
         elif kind in ("MaxPooling2D", "AveragePooling2D"):
             (ph, pw), (sh, sw) = a["pool"], a["stride"]
-            out = (_spatial(x[0], ph, sh, a["padding"], layer.name), _spatial(x[1], pw, sw, a["padding"], layer.name), x[2])
+            t, b, l, r = layer.pads  # a ZeroPadding2D folded in (``rewrites.fold_padding``)
+            h = None if x[0] is None else x[0] + t + b
+            w = None if x[1] is None else x[1] + l + r
+            out = (_spatial(h, ph, sh, a["padding"], layer.name), _spatial(w, pw, sw, a["padding"], layer.name), x[2])
         elif kind == "ZeroPadding2D":
             t, b, l, r = a["pads"]
             out = (None if x[0] is None else x[0] + t + b, None if x[1] is None else x[1] + l + r, x[2])

@@ -444,8 +444,9 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
     if precision == "bf16":
         (kh, kw), cin = op.attrs["kernel"] if op.kind == "Conv2D" else (1, 1), x[-1]
         rows, cols = (x[0] + sum(op.pads[:2]) + kh, x[1] + sum(op.pads[2:]) + kw) if op.kind == "Conv2D" else (1, 1)
-        gathered = math.prod(out[:-1]) * -(-kh * kw * cin // 32) * 32  # AMX's im2col of a thin input
-        rounded = max(math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1), gathered)
+        padded = math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1)
+        thin = (cin + cin % 2) % 32 != 0 and (kh, kw) != (1, 1)  # AMX gathers it (``amx.gathered``)
+        rounded = padded + (math.prod(out[:-1]) * -(-kh * kw * cin // 32) * 32 if thin else 0)
         found["own"] += 2 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
         return found
     if op.kind == "Conv2D":
@@ -637,12 +638,13 @@ def _steps(model, op, ins, out, residual, scratch):
             steps.append(lambda src=src, other=other, last=last: K.add_forward(flat_out, src, other, relu and last))
     elif kind in ("MaxPooling2D", "AveragePooling2D"):
         (ph, pw), (sh, sw) = a["pool"], a["stride"]
-        top = left = 0
+        top, _, left, _ = op.pads  # a folded ZeroPadding2D: its zeros are in the windows
+        zeros = any(op.pads)
         if a["padding"] == "same":
             top = K.same_padding(x.shape[1], ph, sh)[1]
             left = K.same_padding(x.shape[2], pw, sw)[1]
         average = kind == "AveragePooling2D"
-        steps.append(lambda: K.pool2d_forward(out, x, (ph, pw), (sh, sw), (top, left), average))
+        steps.append(lambda: K.pool2d_forward(out, x, (ph, pw), (sh, sw), (top, left), average, zeros))
     elif kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
         average = kind == "GlobalAveragePooling2D"
         x3, out2 = x.reshape(x.shape[0], -1, x.shape[3]), out.reshape(out.shape[0], -1)

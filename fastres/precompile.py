@@ -65,7 +65,8 @@ def _synthetic_model():
         conv("c2", "sigmoid", c, 1, c),
         Layer("add", "Add", ["c2", "sigmoid"]), act("relu", "add", kind="relu"),   # a residual in the store
         Layer("pad", "ZeroPadding2D", ["relu"], dict(pads=(1, 1, 1, 1))),
-        Layer("max", "MaxPooling2D", ["pad"], dict(pool=(3, 3), stride=(2, 2), padding="valid")),
+        # "same": a "valid" pooling would take the padding in (``rewrites.fold_padding``)
+        Layer("max", "MaxPooling2D", ["pad"], dict(pool=(3, 3), stride=(2, 2), padding="same")),
         Layer("avg", "AveragePooling2D", ["max"], dict(pool=(2, 2), stride=(1, 1), padding="same")),
         act("tanh", "avg", kind="tanh"), act("leaky", "tanh", kind="relu", negative_slope=0.2, max_value=6.0),
         Layer("sum", "Add", ["tanh", "leaky", "avg"]),

@@ -4,7 +4,8 @@
   are the identity at inference (Dropout, GaussianNoise, ...) disappear.
 * ``to_scale_shift``: BatchNormalization, Rescaling and Normalization become one kind,
   ``ScaleShift`` (``y = x * scale + shift`` per channel).
-* ``fold_padding``: a ZeroPadding2D goes into the convolution after it.
+* ``fold_padding``: a ZeroPadding2D goes into the convolution, or the "valid" pooling, after it
+  (the pooling then takes the padded positions as zeros).
 * ``fold_into_producer``: a ScaleShift after a Conv2D or Dense goes into its kernel and bias
   (exact), or into a ScaleShift before it.
 * ``fold_into_consumer``: a ScaleShift before a Dense, or before a Conv2D that pads no zeros
@@ -112,7 +113,8 @@ def to_scale_shift(g):
 
 def fold_padding(g):
     for layer in list(g.layers):
-        if layer.kind == "Conv2D" and layer.pads == (0, 0, 0, 0):
+        pool = layer.kind in ("MaxPooling2D", "AveragePooling2D") and layer.attrs["padding"] == "valid"
+        if (layer.kind == "Conv2D" or pool) and layer.pads == (0, 0, 0, 0):
             pad = g.producer(layer, ("ZeroPadding2D",))
             if pad is not None:
                 layer.pads = pad.attrs["pads"]

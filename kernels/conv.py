@@ -155,15 +155,19 @@ def pack_conv2d(w, im2col=False, precision="fp32"):
     return PackedConv2D(w.shape, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
 
 
-def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False):
+def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=TILE):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (whose weights stay in L2, ``GROUP_BYTES``) for a
     run of about ``CHUNK`` tiles.  Numba hands each thread an equal, contiguous share of
-    the tasks, so the task count is grown, along whichever side has more work per task,
-    until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
-    thread.  ``by_tiles`` (Winograd, whose transforms split the tiles the same way) makes
-    the tile runs a multiple of ``threads``, so each thread's products stay in its own cache.
+    the tasks, so the task count is grown until it is a multiple of ``threads`` (or at
+    least 8 per thread) and at least 2 per thread.  Each cut along the pixels reads a
+    group's weights once more, each cut along the panels a run's inputs: the side cut is
+    the one with more pixels per run than channels per group (a layer of a few pixels, as
+    at 64x64, splits its weights between the threads rather than its pixels).  ``by_tiles``
+    (Winograd, whose transforms split the tiles the same way) makes the tile runs a multiple
+    of ``threads``, so each thread's products stay in its own cache.  ``tile_pixels``:
+    pixels per tile (AMX blocks hold 16 or 32).
     """
     group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
     ngroups, nchunks = -(-nblk // group), -(-ntiles // CHUNK)
@@ -173,13 +177,16 @@ def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False):
         tasks = runs * nchunks * ngroups
         if tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads):
             break
-        if nchunks < ntiles and (ngroups >= nblk or ntiles / nchunks >= nblk / ngroups):
+        if nchunks < ntiles and (ngroups >= nblk or ntiles * tile_pixels / nchunks >= nblk * PANEL / ngroups):
             nchunks += 1
-        elif ngroups < nblk:
-            ngroups += 1
+        elif ngroups < nblk:  # the largest group that makes more groups
+            group = -(-nblk // (ngroups + 1))
+            while -(-nblk // group) <= ngroups:
+                group -= 1
+            ngroups = -(-nblk // group)
         else:
             break
-    return nchunks, -(-nblk // ngroups)
+    return nchunks, group
 
 
 @pjit
@@ -450,6 +457,7 @@ class Conv2DPlan:
                 depth = 2 * packed.panels.shape[2]
                 self.rounded = _memory.zeros(n * oh * ow * depth + (amx.BLOCK + 1) * depth, np.uint16)
                 self.rounded_shape = (n, oh, ow, depth)
+                self.padded_bits = _memory.empty((n, hp, wp, cin), np.uint16)  # rounded and padded, then gathered
                 self.wide = amx.wide_blocks(n * oh * ow)
                 self.blocks = -(-n * oh * ow // amx.block_pixels(self.wide))
             elif self.amx:  # AMX tiles read up to a block of pixels past the end: a zeroed tail
@@ -486,7 +494,7 @@ class Conv2DPlan:
         split = self._splits.get(key)
         if split is None:
             split = self._splits[key] = work_split(runs, ntiles, panels.shape[1], panels.shape[2], key[0],
-                                                   by_tiles=self.winograd)
+                                                   self.winograd, amx.block_pixels(self.wide) if self.amx else TILE)
         return split
 
     @property
@@ -535,7 +543,8 @@ class Conv2DPlan:
             bits = x.view(np.uint32)
             if not self.prerounded:  # else the producer has written it (``feed``)
                 if self.packed.im2col:
-                    amx.im2col_to_bf16_forward(self.rounded_view, bits, kh, kw, self.stride, self.pads[0], self.pads[2])
+                    bf16.pad_to_bf16_forward(self.padded_bits, bits, self.pads[0], self.pads[2])
+                    amx.gather_bf16_forward(self.rounded_view, self.padded_bits, kh, kw, self.stride)
                 elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
                     amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
                 else:

@@ -13,8 +13,8 @@ from ._numba import pjit
 
 
 @pjit
-def pool2d_forward(out, inp, pool, stride, pad, average):
-    """Windowed max or average pooling over real pixels only.
+def pool2d_forward(out, inp, pool, stride, pad, average, zeros):
+    """Windowed max or average pooling; the padding is skipped, or (``zeros``) taken as zeros.
 
     Parameters
     ----------
@@ -24,6 +24,9 @@ def pool2d_forward(out, inp, pool, stride, pad, average):
     stride : (int, int)
     pad : (int, int) rows and columns of padding before the input (top, left)
     average : bool, True for the mean, False for the max
+    zeros : bool, False: over real pixels only (TensorFlow's "same"); True: the padded positions
+        are zeros, as after a ``ZeroPadding2D`` (the max of a window that reaches them is at least
+        0, the mean divides by the whole window)
     """
     n, oh, ow, c = out.shape
     h, w = inp.shape[1], inp.shape[2]
@@ -48,9 +51,13 @@ def pool2d_forward(out, inp, pool, stride, pad, average):
                         elif not v <= dst[ch]:  # NaN propagates, as in TensorFlow
                             dst[ch] = v
             if average:
-                scale = np.float32(1.0 / ((y1 - y0) * (x1 - x0)))
+                scale = np.float32(1.0 / (pool[0] * pool[1] if zeros else (y1 - y0) * (x1 - x0)))
                 for ch in range(c):
                     dst[ch] *= scale
+            elif zeros and (y1 - y0 < pool[0] or x1 - x0 < pool[1]):
+                for ch in range(c):
+                    if dst[ch] < 0:  # a padded zero is larger (a NaN stays)
+                        dst[ch] = 0.0
 
 
 @pjit
@@ -88,7 +95,7 @@ def _pool2d(func, x, pool_size, strides, padding, average, out):
     oh, top, _ = _checks.output_size(func, h, pool[0], stride[0], mode)
     ow, left, _ = _checks.output_size(func, w, pool[1], stride[1], mode)
     out = _checks.output(func, out, (n, oh, ow, c))
-    pool2d_forward(out, x, pool, stride, (top, left), average)
+    pool2d_forward(out, x, pool, stride, (top, left), average, False)
     return out
 
 

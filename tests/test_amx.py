@@ -156,3 +156,16 @@ def test_a_plan_can_feed_the_next_convolution_its_bf16_input(shape):
         assert np.isnan(middle).all() == fused  # fed: the float32 output is not written
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gathering_a_thin_input_matches_naive_im2col(stride):
+    """The stem's gather (plain Numba, any CPU): each pixel's taps in order, then zeros to the row's end."""
+    x = np.random.default_rng(stride).integers(0, 1 << 16, (2, 11, 9, 3), dtype=np.uint16)
+    kh, kw = 7, 5
+    depth = amx.im2col_depth((kh, kw), 3)
+    out = np.full((2, (11 - kh) // stride + 1, (9 - kw) // stride + 1, depth), 7, np.uint16)
+    amx.gather_bf16_forward(out, x, kh, kw, stride)
+    rows = out.reshape(-1, depth)
+    np.testing.assert_array_equal(rows[:, : kh * kw * 3], naive.im2col(x, kh, kw, stride))
+    assert not rows[:, kh * kw * 3:].any()

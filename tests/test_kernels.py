@@ -145,6 +145,19 @@ def test_pooling_matches_naive(padding, pool, stride, rng):
     assert_close(K.avg_pool2d(x, pool, stride, padding), naive.pool2d(x, pool, stride, padding, True))
 
 
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("pads", [(1, 1, 1, 1), (2, 0, 1, 3), (4, 4, 4, 4)])
+def test_pooling_with_zero_padding_matches_naive_on_the_padded_input(pads, average, rng):
+    """``zeros=True`` is a ZeroPadding2D and a "valid" pool in one pass (negative inputs: the zeros win)."""
+    x = rng.standard_normal((2, 7, 6, 5), dtype=np.float32) - 1
+    t, b, l, r = pads
+    padded = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)))
+    want = naive.pool2d(padded, (3, 3), (2, 2), "valid", average)
+    out = np.empty(want.shape, np.float32)
+    K.pool2d_forward(out, x, (3, 3), (2, 2), (t, l), average, True)
+    assert_close(out, want)
+
+
 def test_pool_strides_default_to_pool_size(rng):
     x = rng.standard_normal((1, 8, 8, 3), dtype=np.float32)
     assert_close(K.avg_pool2d(x, 2), naive.pool2d(x, (2, 2), (2, 2), "valid", True))

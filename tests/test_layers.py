@@ -71,6 +71,38 @@ def test_rescaling_before_zero_padding_stays_exact(version, suffix, tmp_path):
     assert kinds == ["InputLayer", "ScaleShift", "Conv2D"]
 
 
+def padded_max_pool(keras):
+    """ZeroPadding2D before a "valid" max pooling, as ResNet50's pool1_pad and pool1_pool, but with
+    negative values at the borders, where the padded zeros win."""
+    L = keras.layers
+    inp = keras.Input((9, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", bias_initializer=keras.initializers.Constant(-2.0))(inp)
+    x = L.ZeroPadding2D(((1, 2), (0, 1)))(x)
+    return keras.Model(inp, L.MaxPooling2D(3, strides=2)(x))
+
+
+def padded_average_pool(keras):
+    """ZeroPadding2D before a "valid" average pooling: the padded zeros count in the mean."""
+    L = keras.layers
+    inp = keras.Input((9, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", bias_initializer=keras.initializers.Constant(-2.0))(inp)
+    x = L.ZeroPadding2D(1)(x)
+    return keras.Model(inp, L.AveragePooling2D(2)(x))
+
+
+@pytest.mark.parametrize("build", [padded_max_pool, padded_average_pool])
+@pytest.mark.parametrize("version,suffix", CASES)
+def test_zero_padding_folds_into_the_pooling_after_it(version, suffix, build, tmp_path):
+    model, fr, kinds = load_both(version, suffix, build, tmp_path)
+    x = images((2, 9, 8, 3), seed=4)
+    expected = np.asarray(model(x, training=False))
+    pool = "MaxPooling2D" if build is padded_max_pool else "AveragePooling2D"
+    assert kinds == ["InputLayer", "Conv2D", pool]  # the ZeroPadding2D is gone
+    if build is padded_max_pool:
+        assert (expected == 0).any()  # windows where a padded zero is the largest value
+    assert_matches(fr.predict(x), expected)
+
+
 def preprocessing_folded(keras):
     """Normalization before a valid convolution, a scale-only Rescaling before a "same" one and an
     adapted Normalization before a Dense: each folds exactly into the layer it feeds."""

@@ -44,6 +44,14 @@ def test_work_split_covers_everything_in_balanced_tasks(runs, ntiles, nblk, dept
         assert tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads)
 
 
+def test_a_layer_of_few_pixels_splits_its_weights_and_one_of_many_its_pixels():
+    # 4x4 pixels (3 tiles) x 256 channels: each thread reads half the weights, once
+    assert conv.work_split(1, 3, 4, 1024, 2) == (1, 1)
+    # 56x56 pixels (523 tiles) x 64 channels: the pixels are cut, the one panel is shared
+    nchunks, group = conv.work_split(1, 523, 1, 64, 2)
+    assert nchunks >= 4 and group == 1
+
+
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 3, 3, 17), (100001,)])
 def test_buffers_are_cache_line_aligned(shape):
     a = K.aligned_empty(shape)

@@ -60,7 +60,7 @@ def _build_parser():
     bench.add_argument("--batch", type=_positive, default=1, help="images per forward pass (default 1)")
     bench.add_argument("--architecture", help="for a weights-only file: resnet50, resnet101 or resnet152")
     bench.add_argument("--threads", type=_positive, default=None, help="threads for every engine (default: all cores)")
-    bench.add_argument("--runs", type=_positive, default=20, help="timed forward passes per engine (default 20)")
+    bench.add_argument("--runs", type=_positive, default=20, help="timed forward passes per engine; the engines take turns of 5 (default 20)")
     bench.add_argument("--warmup", type=_nonnegative, default=3, help="untimed passes first (default 3)")
     bench.add_argument("--compare", default="", help="peers, comma-separated: " + ",".join(PEERS))
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, which silences the table)")
@@ -340,49 +340,62 @@ def _startup(script, cold=False, what="fastres"):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _time(label, forward, x, runs, warmup, progress):
-    bar = progress_bar(runs + warmup, label, progress)
-    for _ in range(warmup):
-        forward(x)
-        bar.update()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = forward(x)
-        times.append(time.perf_counter() - start)
-        bar.update()
+TURN = 5            # passes an engine runs before the next one takes its turn
+TURN_REST = 0.02    # seconds between turns: the last engine's thread pool stops spinning
+
+
+def _time_in_turns(engines, x, runs, warmup, progress):
+    """Time the engines taking turns; returns {name: (last output, seconds of each timed pass)}.
+
+    Each engine first runs its ``warmup`` passes.  The timed passes then go round in turns of
+    ``TURN`` passes per engine, the order rotated every round, with a short rest after each
+    turn.  The machine's speed drifts over tens of seconds (a shared VM); timed one after the
+    other, each engine would get a different phase of it, and the one timed right after another
+    would share the cores with that engine's still-spinning threads.
+    """
+    names = list(engines)
+    bar = progress_bar(len(names) * (runs + warmup), "timing " + ", ".join(names), progress)
+    outs, times = {}, {name: [] for name in names}
+    for name in names:
+        for _ in range(warmup):
+            outs[name] = engines[name](x)
+            bar.update()
+        time.sleep(TURN_REST)
+    for turn in range(-(-runs // TURN)):
+        for name in names[turn % len(names):] + names[: turn % len(names)]:
+            for _ in range(min(TURN, runs - turn * TURN)):
+                start = time.perf_counter()
+                outs[name] = engines[name](x)
+                times[name].append(time.perf_counter() - start)
+                bar.update()
+            time.sleep(TURN_REST)
     bar.close()
-    return np.asarray(out, np.float32), times
+    return {name: (np.asarray(outs[name], np.float32), times[name]) for name in names}
 
 
-def _run_peers(peers, path, threads, x, reference, args, results, folder, say):
-    """Time each peer into ``results``; returns the start-up script of each peer that ran (name -> source).
+def _prepare_peers(peers, path, threads, shape, results, folder, say):
+    """Load each peer; returns ({name: forward function}, {name: its start-up script}).
 
-    The ONNX peers share one conversion of the model, written to ``folder`` beforehand.
+    A peer that cannot run is reported in ``results`` instead.  The ONNX peers share one
+    conversion of the model, written to ``folder`` beforehand.
     """
     from .peers import ONNX_PEERS, export_onnx, first_result_script, peer_forward
 
-    quiet = args.json == "-"
-    onnx, scripts = None, {}
+    onnx, forwards, scripts = None, {}, {}
     for name in peers:
         try:
             say(f"preparing {name} ...")
             if name in ONNX_PEERS and onnx is None:
                 onnx = export_onnx(path, folder, threads)
-            forward = peer_forward(name, path, threads, onnx=onnx if name in ONNX_PEERS else None)
+            forwards[name] = peer_forward(name, path, threads, onnx=onnx if name in ONNX_PEERS else None)
         except ImportError as exc:
             results[name] = {"status": f"not installed ({exc.name or exc})"}
             continue
         except Exception as exc:  # a peer that cannot run this model is reported, not fatal
             results[name] = {"status": f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}"}
             continue
-        out, peer_times = _time(name, forward, x, args.runs, args.warmup, not quiet)
-        del forward  # its memory is not the next peer's
-        results[name] = {"status": "ok", "precision": PEER_PRECISION[name], "times": peer_times,
-                         "max_abs_diff": float(np.abs(out - reference).max()),
-                         "reference_max_abs": float(np.abs(reference).max())}
-        scripts[name] = first_result_script(name, path, x.shape[1:], threads, onnx if name in ONNX_PEERS else None)
-    return scripts
+        scripts[name] = first_result_script(name, path, shape, threads, onnx if name in ONNX_PEERS else None)
+    return forwards, scripts
 
 
 def _startup_rows(results):
@@ -412,12 +425,20 @@ def _bench(args):
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
     say(f"fastres bench: {path}, batch {args.batch} at {shape[0]}x{shape[1]}x{shape[2]}, {threads} threads, "
         f"fastres in {model.precision}")
-    reference, times = _time("fastres", model.predict, x, args.runs, args.warmup, not quiet)
-    results = {"fastres": {"status": "ok", "precision": model.precision, "times": times}}
+    results = {}
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:  # the ONNX peers' model, converted once
-        scripts = _run_peers(peers, path, threads, x, reference, args, results, folder, say)
+        forwards, scripts = _prepare_peers(peers, path, threads, shape, results, folder, say)
+        timed = _time_in_turns({"fastres": model.predict, **forwards}, x, args.runs, args.warmup, not quiet)
+        del forwards  # the peers' memory is not the start-up measurement's
+        reference, times = timed.pop("fastres")
+        results = {"fastres": {"status": "ok", "precision": model.precision, "times": times}, **results}
+        for name, (out, peer_times) in timed.items():
+            results[name] = {"status": "ok", "precision": PEER_PRECISION[name], "times": peer_times,
+                             "max_abs_diff": float(np.abs(out - reference).max()),
+                             "reference_max_abs": float(np.abs(reference).max())}
+        results = {name: results[name] for name in ["fastres", *peers]}  # in the order asked for
         say("measuring this machine's FMA peak and read bandwidth ...")
         from .kernels import roofline
 

@@ -89,6 +89,21 @@ def test_bench_compare_json_and_plot(env, default_model, tmp_path):
     assert engines["fastres"]["peak_memory_bytes"] == report["peak_memory_bytes"]
 
 
+def test_bench_times_the_engines_in_turns():
+    """Warm-up first, then turns of ``TURN`` passes, the order rotated each round, every pass timed."""
+    import itertools
+
+    from fastres import cli
+
+    calls = []
+    engines = {name: (lambda x, name=name: calls.append(name) or x) for name in ("a", "b", "c")}
+    timed = cli._time_in_turns(engines, np.ones(2), runs=12, warmup=1, progress=False)
+    assert all(len(timed[name][1]) == 12 and (timed[name][0] == 1).all() for name in engines)
+    assert calls[:3] == ["a", "b", "c"] and cli.TURN == 5
+    turns = [(name, len(list(group))) for name, group in itertools.groupby(calls[3:])]
+    assert turns == [("a", 5), ("b", 5), ("c", 5), ("b", 5), ("c", 5), ("a", 5), ("c", 2), ("a", 2), ("b", 2)]
+
+
 def test_startup_measurement_and_table():
     """The start-up plumbing with a stand-in engine: a fresh process, its own clock and peak memory."""
     from fastres import FastresError, cli, peers

@@ -22,7 +22,8 @@ from ._numba import (CPU_NAME, ISA, PANEL, TILE, cpu_model, evict_line, get_num_
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_FLOATS = 16  # float32 per 64-byte cache line
-PREFETCH_ROWS = 48  # weight rows ahead that a task's first tile asks for (12 KiB at 64 channels)
+PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 channels)
+L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one tile to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = l2_bytes() // 4  # weight panels one task cycles through per tile: a quarter of L2
@@ -254,8 +255,10 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     for j in range(PANEL):
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                 panel = panels[wset, b]
-                # the task's first tile reads each panel from memory: prefetch a few rows ahead
-                cold = tile == begin
+                # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
+                # from memory, and later tiles re-read a large one from L2 (ResNet50 3-6% faster, 7x7x512
+                # 3x3 12%; the hardware prefetchers alone left the L2 re-reads waiting)
+                fetch = tile == begin or depth > L1_PANEL_ROWS
                 r = np.uint64(0)
                 for i in range(kernel_h):
                     # a kernel row's taps and channels are one contiguous run of the input row
@@ -264,7 +267,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     for q in range(np.uint64(row)):
                         for t in range(TILE):
                             xv[t] = x[xb[t] + q]
-                        if cold:
+                        if fetch:
                             for line in range(0, PANEL, LINE_FLOATS):
                                 prefetch(panel, (r + np.uint64(PREFETCH_ROWS)) * np.uint64(PANEL) + np.uint64(line))
                         for j in range(PANEL):

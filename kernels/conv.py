@@ -256,8 +256,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                         acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                 panel = panels[wset, b]
                 # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
-                # from memory, and later tiles re-read a large one from L2 (ResNet50 3-6% faster, 7x7x512
-                # 3x3 12%; the hardware prefetchers alone left the L2 re-reads waiting)
+                # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50
+                # at 224x224 about 3%: the hardware prefetchers alone left the L2 re-reads waiting)
                 fetch = tile == begin or depth > L1_PANEL_ROWS
                 r = np.uint64(0)
                 for i in range(kernel_h):

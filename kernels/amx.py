@@ -29,6 +29,7 @@ the code-generation target has it, and ``FASTRES_AMX`` is not ``off``.
 """
 import ctypes
 import os
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -190,6 +191,70 @@ def _tile_block(a_tiles, b_tiles):
 
 _block_square = _tile_block(2, 2)  # 32 pixels x 32 channels
 _block_wide = _tile_block(1, 4)    # 16 pixels x 64 channels
+
+
+@intrinsic
+def _products_only(typingctx, out, a, steps):
+    """``steps`` rounds of the 2 x 2 block's four tile products, with no load between them.
+
+    out : CPointer(float32), 4 x 256 floats, written (the four sums, so the products are kept)
+    a : uint16 (512 or more) bf16, C-contiguous: every pixel and weight tile is loaded from it
+    steps : int
+    """
+    def codegen(context, builder, signature, args):
+        dest = builder.bitcast(args[0], _I8.as_pointer())
+        src = _bytes(context, builder, signature.args[1], args[1])
+        for acc in range(4):
+            _call(builder, "llvm.x86.tilezero", [_I8(acc)])
+        for tile in range(4, 8):
+            _call(builder, "llvm.x86.tileloadd64", [_I8(tile), src, _I64(64)])
+        with cgutils.for_range(builder, context.cast(builder, args[2], signature.args[2], types.int64)):
+            for acc, (pixels, weights) in enumerate(((4, 6), (4, 7), (5, 6), (5, 7))):
+                _call(builder, "llvm.x86.tdpbf16ps", [_I8(acc), _I8(pixels), _I8(weights)])
+        for acc in range(4):
+            _call(builder, "llvm.x86.tilestored64", [_I8(acc), builder.gep(dest, [_I64(acc * 1024)]), _I64(64)])
+        return context.get_dummy_value()
+    return types.void(out, a, steps), codegen
+
+
+@pjit
+def peak_forward(out, a, steps):
+    """On each kernel thread, ``steps`` rounds of four tile products (16 x 32 by 32 x 16 each).
+
+    Parameters
+    ----------
+    out : float32 (tasks,), written: the sum of each task's sums (``steps * 32 * 1024`` for ones)
+    a : uint16 (512 or more) bf16, the tiles' values
+    steps : int
+    """
+    for task in prange(out.size):
+        _tiles_begin(CONFIG)
+        block_ptr = stack_f32(BLOCK_FLOATS)
+        _products_only(block_ptr, a, steps)
+        _tiles_end()
+        block = carray(block_ptr, (BLOCK_FLOATS,))
+        total = np.float32(0.0)
+        for i in range(BLOCK_FLOATS):
+            total += block[i]
+        out[task] = total
+
+
+PEAK_STEPS = 16384  # rounds of four tile products per thread (about 1 ms on Emerald Rapids)
+
+
+def peak(threads, repeats=10):
+    """The AMX bf16 product peak of ``threads`` kernel threads, in GFLOPS (best of ``repeats``); 0 without AMX."""
+    if not AMX:
+        return 0.0
+    ones = np.full(512, 0x3F80, np.uint16)  # bf16 1.0
+    out = np.empty(threads, np.float32)
+    peak_forward(out, ones, 1)  # compile / warm up
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        peak_forward(out, ones, PEAK_STEPS)
+        best = min(best, time.perf_counter() - start)
+    return threads * PEAK_STEPS * 4 * 2 * ROWS * ROWS * DEPTH / best / 1e9
 
 
 @inline

@@ -3,7 +3,8 @@
 ``fma_peak()`` runs a kernel of independent vector multiply-adds (as many
 accumulators as the convolution's register tile, so the same registers and
 ports) on every kernel thread; ``read_bandwidth()`` sums a buffer far larger
-than the caches on every kernel thread.  Both return the best of a few repeats,
+than the caches on every kernel thread; where AMX is usable, ``amx.peak()`` runs
+the bf16 kernel's four tile products with nothing else between them.  Both return the best of a few repeats,
 as a roofline wants the machine's ceiling, not its average.  ``machine()``
 gathers them with the CPU's name, ISA and vector width.
 """
@@ -14,6 +15,7 @@ import time
 import numpy as np
 from numba import carray, prange
 
+from . import amx
 from ._numba import CPU_NAME, ISA, VECTOR_FLOATS, cpu_model, get_num_threads, l2_bytes, pjit, stack_f32
 from .conv import ACC, PANEL, TILE
 
@@ -89,19 +91,22 @@ def read_bandwidth(nbytes=256 << 20, repeats=5):
 
 @functools.lru_cache(maxsize=None)
 def _measure(threads):
-    return fma_peak(), read_bandwidth()
+    return fma_peak(), read_bandwidth(), amx.peak(threads)
 
 
 def machine(measure=True):
     """What the figures were measured on: CPU, ISA, width, tile, threads, and (measured) peak and bandwidth.
 
-    The measurement (about 0.3 s) is made once per thread count and process.
+    ``peak_gflops`` is the float32 FMA peak; where AMX is usable, ``amx_peak_gflops`` is its bf16
+    tile-product peak.  The measurement (about 0.3 s) is made once per thread count and process.
     """
     info = {
         "cpu": cpu_model(), "llvm_cpu": CPU_NAME, "isa": ISA, "vector_bits": 32 * VECTOR_FLOATS,
         "tile": f"{TILE}x{PANEL}", "threads": get_num_threads(), "cores": os.cpu_count(), "l2_bytes": l2_bytes(),
     }
     if measure:
-        peak, bandwidth = _measure(info["threads"])
+        peak, bandwidth, amx_peak = _measure(info["threads"])
         info.update(peak_gflops=round(peak, 1), read_gbps=round(bandwidth, 1))
+        if amx.AMX:
+            info["amx_peak_gflops"] = round(amx_peak, 1)
     return info

@@ -87,6 +87,17 @@ def test_amx_is_used_exactly_where_the_machine_allows_it():
     assert ("amx" in plan.kernel) == amx.AMX
 
 
+def test_the_amx_peak_is_measured_where_amx_runs():
+    """Each of the 1024 sums of ``steps`` rounds of 16 x 32 by 32 x 16 ones is ``32 * steps``."""
+    if amx.AMX:
+        out = np.empty(2, np.float32)
+        amx.peak_forward(out, np.full(512, 0x3F80, np.uint16), 10)  # bf16 1.0
+        np.testing.assert_array_equal(out, 10 * 32 * 1024)
+        assert amx.peak(K.get_num_threads(), repeats=2) > 100  # GFLOPS: an AMX core does about 1000
+    else:
+        assert amx.peak(K.get_num_threads()) == 0.0
+
+
 def test_bf16_weights_take_half_the_memory():
     w = np.ones((3, 3, 256, 256), np.float32)
     assert K.pack_conv2d(w, precision="bf16").panels.nbytes * 2 == K.pack_conv2d(w).panels.nbytes

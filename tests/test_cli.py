@@ -174,6 +174,10 @@ def test_bf16_precision(env, default_model, images):
     profile = run(env, "profile", default_model, "--precision", "bf16", "--runs", "1", "--json")
     assert profile.returncode == 0, profile.stderr
     report = json.loads(profile.stdout)
+    assert ("amx_peak_gflops" in report["machine"]) == amx.AMX
+    for layer in report["layers"]:  # an AMX layer against AMX's peak, any other against the FMA peak
+        peak = report["machine"]["amx_peak_gflops" if "amx" in layer["kernel"] else "peak_gflops"]
+        assert layer["peak_gflops"] == peak and layer["percent_of_peak"] == pytest.approx(100 * layer["gflops"] / peak)
     assert report["precision"] == "bf16"
     assert all("bf16" in l["kernel"] for l in report["layers"] if l["kind"].startswith(("Conv2D", "Dense")))
     bench = run(env, "bench", default_model, "--precision", "bf16", "--runs", "1", "--warmup", "0", "--no-cold",

@@ -540,9 +540,21 @@ class Plan:
         self.output = values[output]
         if model.precision == "bf16":
             _feed_convolutions(ops, output, {n: st.conv for n, st in zip(self.names, self.steps) if hasattr(st, "conv")})
+        self.threads = None  # the thread count the convolutions are bound for (``bind``)
+
+    def bind(self):
+        """Bind every convolution step to its buffers and to the calling thread's thread count."""
+        self.threads = K.get_num_threads()
+        for i, step in enumerate(self.steps):
+            if hasattr(step, "args"):
+                bound = step.conv.bind(*step.args)
+                bound.kernel, bound.conv, bound.args = step.kernel, step.conv, step.args
+                self.steps[i] = bound
 
     def run(self, x, out=None):
         """Copy ``x`` (converted to float32) into the input buffer, run every step, return the output (a copy)."""
+        if self.threads != K.get_num_threads():  # each work split is made for one thread count
+            self.bind()
         self.input[...] = x
         for step in self.steps:
             step()
@@ -630,8 +642,8 @@ def _steps(model, op, ins, out, residual, scratch):
             _release_direct(model, op.name, conv)
         scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual
-        steps.append(lambda: conv(out4, x4, bias, res, relu))
-        steps[-1].kernel, steps[-1].conv = conv.kernel, conv
+        steps.append(lambda: conv(out4, x4, bias, res, relu))  # ``Plan`` replaces it with a bound call
+        steps[-1].kernel, steps[-1].conv, steps[-1].args = conv.kernel, conv, (out4, x4, bias, res, relu)
     elif kind == "ScaleShift":
         scale, shift = op.weights
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])

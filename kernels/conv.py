@@ -394,7 +394,7 @@ class Conv2DPlan:
     """A packed convolution prepared for one input shape, with its scratch buffers.
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
-    calls it on every forward pass.  Calling it checks nothing.  A stride-1 3x3
+    calls its ``bind`` result on every forward pass.  Calling it checks nothing.  A stride-1 3x3
     convolution may run as Winograd F(4x4, 3x3): ``winograd=True`` or ``False``
     forces the choice; by default, above ``WINOGRAD_MEASURE_FLOPS`` the faster of
     the two on this machine is taken from ``wisdom`` (measured once and recorded)
@@ -531,7 +531,7 @@ class Conv2DPlan:
         return starts.shape[0], starts.shape[1] // TILE
 
     def __call__(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
-        """``out = relu?(conv(x) + bias + residual)``.
+        """``out = relu?(conv(x) + bias + residual)`` (``bind`` and call).
 
         Parameters
         ----------
@@ -541,31 +541,59 @@ class Conv2DPlan:
         residual : float32 (N, OH, OW, Cout) or NO_RESIDUAL
         relu : bool
         """
+        return self.bind(out, x, bias, residual, relu)()
+
+    def bind(self, out, x, bias, residual=NO_RESIDUAL, relu=False):
+        """The convolution of ``x`` into ``out`` as a function of no arguments, returning ``out``.
+
+        Every kernel argument (views, work split) is worked out here, for this plan's buffers as
+        they are now and the current thread count; the arrays' contents are read when it is called.
+        The engine binds each convolution once per plan and thread count: worked out on every call,
+        the arguments cost 5-8% of a 64x64 pass.  Bind again after ``feed`` or a change of buffers.
+        """
+        calls = self._calls(out, x, bias, residual, relu)
+        if len(calls) == 1:
+            kernel, args = calls[0]
+
+            def run():
+                kernel(*args)
+                return out
+        else:
+            def run():
+                for kernel, args in calls:
+                    kernel(*args)
+                return out
+        return run
+
+    def _calls(self, out, x, bias, residual, relu):
+        """The kernel calls of ``bind``: a list of (kernel, arguments)."""
         kh, kw = self.packed.kernel_size
+        calls = []
         if self.packed.precision == "bf16":
             bits = x.view(np.uint32)
             if not self.prerounded:  # else the producer has written it (``feed``)
                 if self.packed.im2col:
-                    bf16.pad_to_bf16_forward(self.padded_bits, bits, self.pads[0], self.pads[2])
-                    amx.gather_bf16_forward(self.rounded_view, self.padded_bits, kh, kw, self.stride)
+                    calls.append((bf16.pad_to_bf16_forward, (self.padded_bits, bits, self.pads[0], self.pads[2])))
+                    calls.append((amx.gather_bf16_forward, (self.rounded_view, self.padded_bits, kh, kw, self.stride)))
                 elif self.amx and self.stride > 1:  # a strided 1x1: subsample, then a stride-1 1x1
-                    amx.subsample_to_bf16_forward(self.rounded_view, bits, self.stride)
+                    calls.append((amx.subsample_to_bf16_forward, (self.rounded_view, bits, self.stride)))
                 else:
-                    bf16.pad_to_bf16_forward(self.rounded_view, bits, self.pads[0], self.pads[2])
+                    calls.append((bf16.pad_to_bf16_forward, (self.rounded_view, bits, self.pads[0], self.pads[2])))
             if self.amx:
-                self.bias[: bias.size] = bias
+                calls.append((np.copyto, (self.bias[: bias.size], bias)))  # the tiles load whole panels of bias
                 one_by_one = self.packed.im2col or self.stride > 1
                 rows = out.reshape(1, 1, -1, out.shape[3]) if self.packed.im2col else out
                 res = residual.reshape(rows.shape) if residual.size else residual
-                amx.conv2d_amx_forward(rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh,
-                                       1 if one_by_one else kw, relu, *self._split(self.packed.panels, rows.shape[0], self.blocks),
-                                       *self.bf16_output, self.wide)
-                return out
-            bf16.conv2d_bf16_forward(out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
-                                     *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)
-            return out
+                calls.append((amx.conv2d_amx_forward, (
+                    rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh, 1 if one_by_one else kw,
+                    relu, *self._split(self.packed.panels, rows.shape[0], self.blocks), *self.bf16_output, self.wide)))
+                return calls
+            calls.append((bf16.conv2d_bf16_forward, (
+                out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
+                *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)))
+            return calls
         if self.padded is not None:
-            zero_pad_forward(self.padded, x, self.pads[0], self.pads[2])
+            calls.append((zero_pad_forward, (self.padded, x, self.pads[0], self.pads[2])))
             x = self.padded
         if self.winograd:
             for first in range(0, out.shape[0], self.images):
@@ -573,19 +601,19 @@ class Conv2DPlan:
                 tiles = (last - first) * self.image_tiles
                 v = self.v[: 36 * tiles * x.shape[3]].reshape(tiles, 36, 1, x.shape[3])
                 m = self.m[: 36 * tiles * out.shape[3]].reshape(36, 1, tiles, out.shape[3])
-                input_transform_forward(v[:, :, 0], x[first:last], self.tiles_w)
                 starts = self.starts[tiles]
-                conv2d_forward(m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False,
-                               *self._split(self.panels, *self._tiles(starts)))
                 res = residual if residual.size == 0 else residual[first:last]
-                output_transform_forward(out[first:last], m[:, 0], bias, res, relu)
-            return out
+                calls.append((input_transform_forward, (v[:, :, 0], x[first:last], self.tiles_w)))
+                calls.append((conv2d_forward, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False,
+                                               *self._split(self.panels, *self._tiles(starts)))))
+                calls.append((output_transform_forward, (out[first:last], m[:, 0], bias, res, relu)))
+            return calls
         if self.cols is not None:
-            im2col_forward(self.cols, x, kh, kw, self.stride)
+            calls.append((im2col_forward, (self.cols, x, kh, kw, self.stride)))
             x, kw = self.cols.reshape(*out.shape[:3], -1), 1
-        conv2d_forward(out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
-                       *self._split(self.packed.panels, *self._tiles(self.starts)))
-        return out
+        calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
+                                       *self._split(self.packed.panels, *self._tiles(self.starts)))))
+        return calls
 
 
 @jit

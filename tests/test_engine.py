@@ -221,6 +221,21 @@ def test_threads_argument(small):
         fastres.load(path, threads=0)
 
 
+def test_a_plan_binds_its_convolutions_again_for_another_thread_count(small):
+    """The convolutions are bound once per plan and thread count (``Plan.bind``): a model run on 1 thread,
+    then on all, rebinds its plan and gives the same answer (the work splits differ, not the sums)."""
+    _, path = small
+    x = images((2, 15, 14, 5), seed=7)
+    one, every = fastres.load(path, threads=1), fastres.load(path, threads=fastres.get_num_threads())
+    first = one.predict(x)
+    plan = one._local.plans[x.shape]
+    assert plan.threads == 1 and all(hasattr(s, "conv") == hasattr(s, "args") for s in plan.steps)
+    one.threads = every.threads
+    np.testing.assert_array_equal(one.predict(x), first)
+    assert plan.threads == every.threads and one._local.plans[x.shape] is plan
+    np.testing.assert_array_equal(every.predict(x), first)
+
+
 def test_one_packing_per_convolution(rng):
     """A 3x3 convolution keeps the weights its plans run: once a plan runs it as Winograd, its direct
     packing goes and later plans run Winograd too, at any size; a plan made before keeps its own."""

@@ -549,7 +549,8 @@ class Conv2DPlan:
         Every kernel argument (views, work split) is worked out here, for this plan's buffers as
         they are now and the current thread count; the arrays' contents are read when it is called.
         The engine binds each convolution once per plan and thread count: worked out on every call,
-        the arguments cost 5-8% of a 64x64 pass.  Bind again after ``feed`` or a change of buffers.
+        the arguments cost 11% of a 64x64 fp32 pass, 15-20% of a bf16 one.  Bind again after ``feed``
+        or a change of buffers.
         """
         calls = self._calls(out, x, bias, residual, relu)
         if len(calls) == 1:

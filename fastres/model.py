@@ -454,8 +454,8 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
         (kh, kw), cin = op.attrs["kernel"] if op.kind == "Conv2D" else (1, 1), x[-1]
         rows, cols = (x[0] + sum(op.pads[:2]) + kh, x[1] + sum(op.pads[2:]) + kw) if op.kind == "Conv2D" else (1, 1)
         padded = math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1)
-        thin = (cin + cin % 2) % 32 != 0 and (kh, kw) != (1, 1)  # AMX gathers it (``amx.gathered``)
-        rounded = padded + (math.prod(out[:-1]) * -(-kh * kw * cin // 32) * 32 if thin else 0)
+        gathered = math.prod(out[:-1]) * amx.im2col_depth((kh, kw), cin) if amx.gathered((kh, kw), cin) else 0
+        rounded = padded + gathered  # a gathering plan keeps its rounded, padded input too
         found["own"] += 2 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
         return found
     if op.kind == "Conv2D":

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastres.kernels as K
+from fastres.kernels._numba import PANEL
 from conftest import assert_close
 import naive
 
@@ -56,11 +57,14 @@ def test_conv2d_non_contiguous_input(rng):
 
 
 def test_packed_weights_layout(rng):
-    kernel = rng.standard_normal((3, 3, 10, 70), dtype=np.float32)
+    panel = PANEL  # output channels per panel: 64 on AVX-512, 16 on AVX2, 8 elsewhere
+    cout = panel + 6
+    kernel = rng.standard_normal((3, 3, 10, cout), dtype=np.float32)
     packed = K.pack_conv2d(kernel)
-    assert packed.panels.shape == (1, 2, 90, 64)
-    assert packed.shape == (3, 3, 10, 70)
-    np.testing.assert_array_equal(packed.panels[0, 1, :, :6], kernel.reshape(90, 70)[:, 64:])
+    assert packed.panels.shape == (1, 2, 90, panel)
+    assert packed.shape == (3, 3, 10, cout)
+    np.testing.assert_array_equal(packed.panels[0, 0], kernel.reshape(90, cout)[:, :panel])
+    np.testing.assert_array_equal(packed.panels[0, 1, :, :6], kernel.reshape(90, cout)[:, panel:])
     assert not packed.panels[0, 1, :, 6:].any()
 
 

@@ -1,8 +1,9 @@
 """The kernels compiled for other x86 targets give the same answers (NUMBA_CPU_NAME on this machine).
 
 Each target runs in its own process (Numba's target is fixed per process) with its own cache
-directory; it needs only the ISA to be a subset of this CPU's, which every CI machine of this
-project has (x86-64 with AVX-512).  Targets this CPU cannot run are skipped by name.
+directory; it needs only the ISA to be a subset of this CPU's.  Targets this CPU cannot run are
+skipped by name: the project's machines change CPU between sessions (AVX-512 Zen 4 and Emerald Rapids
+run every target; an AVX2-only Zen 3 runs host, haswell and x86-64).
 """
 import os
 import subprocess

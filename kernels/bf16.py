@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 from . import _memory, wisdom
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, get_num_threads, inline, pjit,
                      prefetch, stack_f32, stack_u64)
-from ._tile import pixel_starts, store_tile
+from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 
 LANES = VECTOR_FLOATS
 ACC = TILE * PANEL
@@ -112,8 +112,11 @@ class _BFloat(ir.Type):
 
 
 @intrinsic
-def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot):
-    """``acc[t, :] += sum over rows i, pairs q of x-pair(t, i, q) . panel[i * pairs + q]``, in LLVM IR.
+def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot, bias, c0):
+    """``acc[t, :] = start[t, :] + sum over rows i, pairs q of x-pair(t, i, q) . panel[i * pairs + q]``, in LLVM IR.
+
+    The accumulators start at ``bias[c0 : c0 + PANEL]`` where the panel is whole, else at ``acc``'s
+    contents (``_tile.start_accumulators``).
 
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
     x : uint16 (flat) bf16 input; tile pixel t's kernel row i starts at ``xb[t] + i * row_stride``
@@ -121,9 +124,11 @@ def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot):
     row_stride, kernel_h, pairs : int, input elements between kernel rows, rows, pairs per row
     panel : uint16 (kernel_h * pairs, PANEL, 2), C-contiguous
     dot : bool, multiply with ``vdpbf16ps`` (only where ``BF16_DOT``), else widen to float32 FMAs
+    bias : float32 (Cout,), C-contiguous
+    c0 : int, the panel's first output channel
     """
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and x.dtype == types.uint16
-            and panel.dtype == types.uint16 and panel.layout == "C"):
+            and panel.dtype == types.uint16 and panel.layout == "C" and is_bias(bias)):
         return None
     counts = (row_stride, kernel_h, pairs)
 
@@ -134,12 +139,7 @@ def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot):
         stride, rows, npairs = (context.cast(builder, v, t, types.uint64) for v, t in zip(args[3:6], counts))
         x_data = context.make_array(signature.args[1])(context, builder, x_arr).data
         w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
-        # one stack slot per accumulator vector: LLVM keeps them in registers through the loops
-        acc_vec = builder.bitcast(acc_ptr, vf.as_pointer())
-        slots = []
-        for k in range(TILE * PANEL // LANES):
-            slots.append(cgutils.alloca_once(builder, vf))
-            builder.store(builder.load(builder.gep(acc_vec, [i64(k)]), align=4), slots[-1])
+        slots, acc_vec = start_accumulators(context, builder, signature, args, acc_ptr, (8, 9))
         splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
 
         def loops(use_dot):
@@ -196,7 +196,7 @@ def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot):
             builder.store(builder.load(slot), builder.gep(acc_vec, [i64(k)]), align=4)
         return context.get_dummy_value()
 
-    return types.void(acc, x, xb, row_stride, kernel_h, pairs, panel, dot), codegen
+    return types.void(acc, x, xb, row_stride, kernel_h, pairs, panel, dot, bias, c0), codegen
 
 
 @pjit
@@ -211,7 +211,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
     inp : uint16 (N, Hp, Wp, Cp) bf16, padded so that every tap is in bounds; Cp even
     panels : uint16 (1, nblk, KH*KW*Cp/2, 64, 2) from ``pack_bf16``
     starts : int64 (1, tiles * TILE) from ``pixel_starts`` (it holds the stride)
-    bias : float32 (Cout,)
+    bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
     relu : bool, apply max(0, .) while storing
@@ -247,10 +247,11 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
                             prefetch(x, at + q)
             for b in range(first, min(first + group, nblk)):
                 c0 = b * PANEL
-                for t in range(TILE):  # the accumulators start at the bias
-                    for j in range(PANEL):
-                        acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
-                _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot)
+                if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _dot_tile)
+                    for t in range(TILE):
+                        for j in range(PANEL):
+                            acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
+                _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot, bias, c0)
                 store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
 
 

@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from . import _checks, _memory, amx, bf16, wisdom
 from ._im2col import im2col_forward
-from ._tile import pixel_starts, store_tile
+from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads, jit, l2_bytes,
                      pjit, prefetch, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
@@ -194,8 +194,8 @@ def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=T
 
 
 @intrinsic
-def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch):
-    """``acc[t, :] += sum over kernel rows i, steps q of x[xb[t] + i * row_stride + q] * panel[i * row + q, :]``.
+def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0):
+    """``acc[t, :] = start[t, :] + sum over kernel rows i, steps q of x[xb[t] + i * row_stride + q] * panel[i * row + q, :]``.
 
     The tile's inner product, emitted in LLVM IR with explicit vectors: for each step, the
     panel row's ``PANEL / VECTOR_FLOATS`` weight vectors are loaded once, then each pixel's
@@ -206,15 +206,20 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch):
     held all six broadcasts at once on AVX2 (6 + 2 + 12 ymm of 16), spilled, and ran at half
     this speed (measured on an AMD Zen 3: 1x1 layers 53-59 GFLOPS against 96-107).
 
+    The accumulators start at ``bias[c0 : c0 + PANEL]`` where the panel is whole (``c0 + PANEL
+    <= bias.size``), else at ``acc``'s contents (``_tile.start_accumulators``).
+
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
     x : float32 (flat) input; tile pixel t's kernel row i starts at ``xb[t] + i * row_stride``
     xb : CPointer(uint64), TILE offsets
     row_stride, kernel_h, row : int, input elements between kernel rows, rows, steps per row (KW * Cin)
     panel : float32 (kernel_h * row, PANEL), C-contiguous
     fetch : bool, prefetch the panel ``PREFETCH_ROWS`` rows ahead (where it is not in L1)
+    bias : float32 (Cout,), C-contiguous
+    c0 : int, the panel's first output channel
     """
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and x.dtype == types.float32
-            and panel.dtype == types.float32 and panel.layout == "C"):
+            and panel.dtype == types.float32 and panel.layout == "C" and is_bias(bias)):
         return None
     counts = (row_stride, kernel_h, row)
 
@@ -227,11 +232,7 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch):
         w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
         nvec = PANEL // VECTOR_FLOATS
         # one stack slot per accumulator vector: LLVM keeps them in registers through the loops
-        acc_vec = builder.bitcast(acc_ptr, vf.as_pointer())
-        slots = []
-        for k in range(TILE * nvec):
-            slots.append(cgutils.alloca_once(builder, vf))
-            builder.store(builder.load(builder.gep(acc_vec, [i64(k)]), align=4), slots[-1])
+        slots, acc_vec = start_accumulators(context, builder, signature, args, acc_ptr, (8, 9))
         splat = ir.Constant(ir.VectorType(i32, VECTOR_FLOATS), [0] * VECTOR_FLOATS)
         hint = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
@@ -270,7 +271,7 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch):
             builder.store(builder.load(slot), builder.gep(acc_vec, [i64(k)]), align=4)
         return context.get_dummy_value()
 
-    return types.void(acc, x, xb, row_stride, kernel_h, row, panel, fetch), codegen
+    return types.void(acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0), codegen
 
 
 @pjit
@@ -286,7 +287,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
     panels : float32 (S, nblk, KH*KW*Cin, 64) from ``pack_conv2d``; S is 1 or N
     starts : int64 (runs, tiles * TILE) from ``pixel_starts`` (it holds the stride)
-    bias : float32 (Cout,)
+    bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
     kernel_w : int, KW (KH follows from the panel depth)
     relu : bool, apply max(0, .) while storing
@@ -336,11 +337,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                 if b < first or b >= first + group:
                     continue
                 c0 = b * PANEL
-                if c0 + PANEL <= cout:  # the accumulators start at the bias (in vectors, where the panel is whole:
-                    for t in range(TILE):  # 56x56x64 -> 256 1x1 18% faster than with the test below on every lane)
-                        for j in range(PANEL):
-                            acc[t, j] = bias[c0 + j]
-                else:
+                if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _fma_tile)
                     for t in range(TILE):
                         for j in range(PANEL):
                             acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
@@ -349,7 +346,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                 # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50
                 # at 224x224 about 3%: the hardware prefetchers alone left the L2 re-reads waiting)
                 fetch = tile == begin or depth > L1_PANEL_ROWS
-                _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch)
+                _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                 store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
 
 

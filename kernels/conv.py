@@ -1,13 +1,14 @@
 """2-D convolution: a register-tiled direct kernel on packed weights.
 
-Weights are packed once (``pack_conv2d``) into 64-wide output-channel panels,
-``panels[b, (i*KW + j)*Cin + c, :] = w[i, j, c, 64*b : 64*b + 64]``.  A task owns
-one panel and a run of output pixels; for every tile of ``TILE`` pixels it
-accumulates all kernel taps and input channels in ``TILE x 64`` stack
-accumulators (kept in vector registers), then adds the bias and residual and
-applies ReLU while storing.  1x1 convolutions and dense layers are the same
-kernel with one tap.  A kernel packed with ``im2col=True`` gathers its receptive
-fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
+Weights are packed once (``pack_conv2d``) into ``PANEL``-wide output-channel panels
+(64 on AVX-512, 16 on AVX2, 8 elsewhere: ``_numba``),
+``panels[b, (i*KW + j)*Cin + c, :] = w[i, j, c, PANEL*b : PANEL*b + PANEL]``.  A task owns
+a group of panels and a run of output pixels; for every tile of ``TILE`` pixels it
+accumulates all kernel taps and input channels in ``TILE x PANEL`` accumulators kept
+in vector registers (``_fma_tile``, explicit vectors in LLVM IR, started at the bias),
+then adds the residual and applies ReLU while storing.  1x1 convolutions and dense layers
+are the same kernel with one tap.  A kernel packed with ``im2col=True`` gathers its
+receptive fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
 """
 import math
 

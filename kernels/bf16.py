@@ -209,7 +209,7 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
     ----------
     out : float32 (N, OH, OW, Cout), written
     inp : uint16 (N, Hp, Wp, Cp) bf16, padded so that every tap is in bounds; Cp even
-    panels : uint16 (1, nblk, KH*KW*Cp/2, 64, 2) from ``pack_bf16``
+    panels : uint16 (1, nblk, KH*KW*Cp/2, PANEL, 2) from ``pack_bf16``
     starts : int64 (1, tiles * TILE) from ``pixel_starts`` (it holds the stride)
     bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
@@ -264,7 +264,7 @@ def pack_bf16(w):
 
     Returns
     -------
-    uint16 (1, ceil(Cout / 64), KH*KW*Cp/2, 64, 2), 64-byte aligned; Cp = Cin rounded up to even
+    uint16 (1, ceil(Cout / PANEL), KH*KW*Cp/2, PANEL, 2), 64-byte aligned; Cp = Cin rounded up to even
     """
     kh, kw, cin, cout = w.shape
     if cin % 2:

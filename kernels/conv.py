@@ -46,7 +46,7 @@ class PackedConv2D:
     """Convolution weights packed for ``conv2d``: made once by ``pack_conv2d``.
 
     ``shape`` is the kernel's HWIO shape.
-    ``panels`` (1, ceil(Cout / 64), KH*KW*Cin, 64) feeds the direct kernel; a 3x3
+    ``panels`` (1, ceil(Cout / PANEL), KH*KW*Cin, PANEL) feeds the direct kernel; a 3x3
     kernel also has a Winograd packing (36 transformed panel sets), made on first
     use by ``winograd_panels()`` since it is four times the size.  With
     ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16`` and
@@ -286,7 +286,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     ----------
     out : float32 (N, OH, OW, Cout), written
     inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
-    panels : float32 (S, nblk, KH*KW*Cin, 64) from ``pack_conv2d``; S is 1 or N
+    panels : float32 (S, nblk, KH*KW*Cin, PANEL) from ``pack_conv2d``; S is 1 or N
     starts : int64 (runs, tiles * TILE) from ``pixel_starts`` (it holds the stride)
     bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none

@@ -91,7 +91,8 @@ def _row_store(count):
     """An intrinsic storing ``count`` floats (a multiple of the vector width), see ``store_row``."""
 
     def store_row(typingctx, y, dst, acc, src, res, has_residual, relu):
-        if not (isinstance(y, types.Array) and isinstance(res, types.Array) and isinstance(acc, types.CPointer)):
+        if not (isinstance(y, types.Array) and isinstance(res, types.Array) and isinstance(acc, types.CPointer)
+                and y.layout == "C" and res.layout == "C"):
             return None
 
         def codegen(context, builder, signature, args):
@@ -147,7 +148,9 @@ def _row_store(count):
 
     store_row.__doc__ = f"""``y[dst + j] = relu?(acc[src + j] + res[dst + j])`` for j < {count}, in vectors.
 
-    y, res : float32 (flat), C-contiguous; ``res`` is read only when ``has_residual``; a uint16
+    y, res : float32, C-contiguous, of any shape: indexed flat (so a caller passes its 2-D output as
+        it is: a ``reshape(-1)`` in a tile loop called Numba's reshape helper and counted references,
+        every tile); ``res`` is read only when ``has_residual``; a uint16
         ``y`` receives the values rounded to bf16 (``bf16.to_bf16``), and then ``res`` must be
         laid out as ``y`` is
     acc : CPointer(float32), e.g. a ``stack_f32`` buffer
@@ -175,9 +178,8 @@ def store_tile(y, res, acc, acc_ptr, p0, c0, pixels, has_residual, relu):
     """
     cout = y.shape[1]
     if c0 + PANEL <= cout and p0 + TILE <= pixels:
-        flat_y, flat_res = y.reshape(-1), res.reshape(-1)
         for t in range(TILE):
-            store_panel_row(flat_y, (p0 + t) * cout + c0, acc_ptr, t * PANEL, flat_res, has_residual, relu)
+            store_panel_row(y, (p0 + t) * cout + c0, acc_ptr, t * PANEL, res, has_residual, relu)
     else:
         for t in range(min(TILE, pixels - p0)):
             for j in range(min(PANEL, cout - c0)):

@@ -296,3 +296,22 @@ evict_line = _line_intrinsic("llvm.x86.sse2.clflush" if X86 else None, (), """Wr
 
 For timing a kernel as a forward pass meets it, with its weights in memory rather than in cache.
 """)
+
+
+@intrinsic
+def next_task(typingctx, counter):
+    """Atomically add 1 to ``counter[0]`` (int64) and return its old value: the caller's next task.
+
+    This is how the parallel kernels share out their tasks: each thread takes the next one when it
+    is done with its last, so a thread slowed by another process on its core (a shared VM) takes
+    fewer, where Numba's ``prange`` gives each thread an equal share fixed in advance and the
+    slowed thread holds up the call.
+    """
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen

@@ -22,7 +22,7 @@ from . import _checks, _memory, amx, bf16, wisdom
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads, jit, l2_bytes,
-                     pjit, prefetch, stack_f32, stack_u64)
+                     next_task, pjit, prefetch, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_FLOATS = 16  # float32 per 64-byte cache line
@@ -312,43 +312,51 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # A task computes `group` panels for a run of tiles, tile by tile, so each output
     # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
     ngroups = (nblk + group - 1) // group
-    for task in prange(runs * nchunks * ngroups):
-        chunk = task // (runs * ngroups)  # chunk-major: a thread's share is a run of whole tiles
-        run = task // ngroups % runs
-        first = task % ngroups * group
-        wset = run % sets
+    ntasks = runs * nchunks * ngroups
+    taken = np.zeros(1, np.int64)  # tasks handed out so far
+    # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
+    # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
+    # iteration of each thread takes tasks until none are left; its others find none.
+    for _ in prange(ntasks):
         acc_ptr = stack_f32(ACC)
         acc = carray(acc_ptr, (TILE, PANEL))
         xb_ptr = stack_u64(TILE)
         xb = carray(xb_ptr, (TILE,))
-        begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
-        for tile in range(begin, last):
-            local0 = tile * TILE
-            if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
-                for t in range(TILE):
-                    for i in range(kernel_h):
-                        at = starts[run, local0 + TILE + t] + i * wp * cin
-                        for q in range(0, row, LINE_FLOATS):
-                            prefetch(x, at + q)
-            for t in range(TILE):  # unsigned offsets: no negative-index test per load
-                xb[t] = np.uint64(starts[run, local0 + t])
-            for b in range(nblk):
-                # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
-                # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
-                if b < first or b >= first + group:
-                    continue
-                c0 = b * PANEL
-                if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _fma_tile)
+        task = next_task(taken)
+        while task < ntasks:
+            chunk = task // (runs * ngroups)  # chunk-major: consecutive tasks share their tiles' inputs
+            run = task // ngroups % runs
+            first = task % ngroups * group
+            wset = run % sets
+            begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+            for tile in range(begin, last):
+                local0 = tile * TILE
+                if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
                     for t in range(TILE):
-                        for j in range(PANEL):
-                            acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
-                panel = panels[wset, b]
-                # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
-                # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50
-                # at 224x224 about 3%: the hardware prefetchers alone left the L2 re-reads waiting)
-                fetch = tile == begin or depth > L1_PANEL_ROWS
-                _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
-                store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
+                        for i in range(kernel_h):
+                            at = starts[run, local0 + TILE + t] + i * wp * cin
+                            for q in range(0, row, LINE_FLOATS):
+                                prefetch(x, at + q)
+                for t in range(TILE):  # unsigned offsets: no negative-index test per load
+                    xb[t] = np.uint64(starts[run, local0 + t])
+                for b in range(nblk):
+                    # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
+                    # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
+                    if b < first or b >= first + group:
+                        continue
+                    c0 = b * PANEL
+                    if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _fma_tile)
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
+                    panel = panels[wset, b]
+                    # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
+                    # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50
+                    # at 224x224 about 3%: the hardware prefetchers alone left the L2 re-reads waiting)
+                    fetch = tile == begin or depth > L1_PANEL_ROWS
+                    _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
+                    store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
+            task = next_task(taken)
 
 
 def winograd_starts(tiles, cin):

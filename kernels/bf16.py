@@ -28,8 +28,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _memory, wisdom
-from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, get_num_threads, inline, pjit,
-                     prefetch, stack_f32, stack_u64)
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, get_num_threads, inline,
+                     next_task, pjit, prefetch, stack_f32, stack_u64)
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 
 LANES = VECTOR_FLOATS
@@ -230,29 +230,34 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
     pixels = y.shape[0]
     ntiles = starts.shape[1] // TILE
     ngroups = (nblk + group - 1) // group
-    for task in prange(nchunks * ngroups):
-        chunk, first = task // ngroups, task % ngroups * group
+    ntasks = nchunks * ngroups
+    taken = np.zeros(1, np.int64)  # tasks handed out so far
+    for _ in prange(ntasks):  # each thread takes tasks until none are left, as in ``conv.conv2d_forward``
         acc_ptr, xb_ptr = stack_f32(ACC), stack_u64(TILE)
         acc, xb = carray(acc_ptr, (TILE, PANEL)), carray(xb_ptr, (TILE,))
-        begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
-        for tile in range(begin, last):
-            local0 = tile * TILE
-            for t in range(TILE):
-                xb[t] = np.uint64(starts[0, local0 + t])
-            if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
+        task = next_task(taken)
+        while task < ntasks:
+            chunk, first = task // ngroups, task % ngroups * group
+            begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+            for tile in range(begin, last):
+                local0 = tile * TILE
                 for t in range(TILE):
-                    for i in range(kernel_h):
-                        at = starts[0, local0 + TILE + t] + i * wp * cp
-                        for q in range(0, 2 * pairs, LINE_HALVES):
-                            prefetch(x, at + q)
-            for b in range(first, min(first + group, nblk)):
-                c0 = b * PANEL
-                if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _dot_tile)
+                    xb[t] = np.uint64(starts[0, local0 + t])
+                if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
                     for t in range(TILE):
-                        for j in range(PANEL):
-                            acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
-                _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot, bias, c0)
-                store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
+                        for i in range(kernel_h):
+                            at = starts[0, local0 + TILE + t] + i * wp * cp
+                            for q in range(0, 2 * pairs, LINE_HALVES):
+                                prefetch(x, at + q)
+                for b in range(first, min(first + group, nblk)):
+                    c0 = b * PANEL
+                    if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _dot_tile)
+                        for t in range(TILE):
+                            for j in range(PANEL):
+                                acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
+                    _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot, bias, c0)
+                    store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
+            task = next_task(taken)
 
 
 def pack_bf16(w):

@@ -164,9 +164,10 @@ def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=T
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (whose weights stay in L2, ``GROUP_BYTES``) for a
-    run of about ``CHUNK`` tiles.  Numba hands each thread an equal, contiguous share of
-    the tasks, so the task count is grown until it is a multiple of ``threads`` (or at
-    least 8 per thread) and at least 2 per thread.  Each cut along the pixels reads a
+    run of about ``CHUNK`` tiles.  The threads take the tasks in turn (``next_task``), and
+    the last ones to finish idle while the others end theirs, so the task count is grown
+    until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
+    thread.  Each cut along the pixels reads a
     group's weights once more, each cut along the panels a run's inputs: the side cut is
     the one with more pixels per run than channels per group (a layer of a few pixels, as
     at 64x64, splits its weights between the threads rather than its pixels).  ``by_tiles``

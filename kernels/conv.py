@@ -39,6 +39,12 @@ WINOGRAD_MIN_TILES = 8  # 4x4 output blocks in the whole batch
 WINOGRAD_MIN_FLOPS = 50e6  # of the direct convolution, per call
 WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
 WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per machine (``wisdom``)
+# A direct convolution of at most this many flops (ResNet50 at 64x64) takes its work split from ``wisdom``:
+# ``work_split``'s rule, or one of these many tiles and panels per task where measured faster by SPLIT_MARGIN.
+# (On a Zen 3, single 64x64 layers ran up to 1.4x faster on their best split, mostly with more panels per
+# task; the whole 64x64 pass 0.95-1.0x the time, same process.)
+SPLIT_MEASURE_FLOPS = 40e6
+SPLIT_CHUNKS, SPLIT_GROUPS, SPLIT_MARGIN = (1, 2, 3, 4, 6, 8, 12), (1, 2, 4, 8, 16), 0.05
 MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL}"  # what wisdom is recorded for
 
 
@@ -158,6 +164,15 @@ def pack_conv2d(w, im2col=False, precision="fp32"):
             return PackedConv2D(w.shape, bf16.pack_bf16(rows[None, None]), True, "bf16")
         return PackedConv2D(w.shape, bf16.pack_bf16(w), False, "bf16")
     return PackedConv2D(w.shape, _pack(w.reshape(1, kh * kw * cin, cout)), bool(im2col) and kh * kw > 1)
+
+
+def split_candidates(runs, ntiles, nblk, threads, rule):
+    """The (nchunks, group) a small convolution's split is chosen from, by name ("nchunks,group"): the
+    ``rule`` (``work_split``'s) and every ``SPLIT_CHUNKS`` x ``SPLIT_GROUPS`` that makes 1 to 8 tasks a thread."""
+    candidates = {f"{c},{g}": (c, g) for c in SPLIT_CHUNKS if c <= ntiles for g in SPLIT_GROUPS if g <= nblk
+                  and threads <= runs * c * -(-nblk // g) <= 8 * threads}
+    candidates[f"{rule[0]},{rule[1]}"] = tuple(rule)
+    return candidates
 
 
 def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=TILE):
@@ -518,6 +533,7 @@ class Conv2DPlan:
         self.cols = self.v = self.m = None
         self.amx = self.wide = False
         self.bf16_output = (NO_BF16_OUTPUT, 0, 0)  # where ``feed`` sends the output instead of ``out``
+        self.measure_split = True                 # a small direct convolution's split from ``wisdom``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
             # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
@@ -694,9 +710,39 @@ class Conv2DPlan:
         if self.cols is not None:
             calls.append((im2col_forward, (self.cols, x, kh, kw, self.stride)))
             x, kw = self.cols.reshape(*out.shape[:3], -1), 1
-        calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
-                                       *self._split(self.packed.panels, *self._tiles(self.starts)))))
+        split = self._split(self.packed.panels, *self._tiles(self.starts))
+        small = 2 * out.size * self.packed.panels.shape[2] <= SPLIT_MEASURE_FLOPS
+        if small and self.measure_split and not self.packed.im2col:
+            split = self._measured_split(x.shape, kw, split)
+        calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
         return calls
+
+    def _measured_split(self, in_shape, kernel_w, rule):
+        """``work_split``'s (nchunks, group) for this small direct convolution, or the recorded or measured faster
+        of a few others (``SPLIT_MEASURE_FLOPS``).  Timed with the weights evicted, as a forward pass meets them."""
+        threads = get_num_threads()
+        runs, ntiles = self._tiles(self.starts)
+        nblk = self.packed.panels.shape[1]
+        machine = f"{MACHINE} | {threads} threads"
+        kh, kw = self.packed.kernel_size
+        key = f"split {kh}x{kw}/{self.stride} {'x'.join(map(str, in_shape))}->{self.packed.out_channels}"
+        known = wisdom.lookup(machine, key)
+        if known is None and wisdom.mode() != "measure":
+            return rule
+        candidates = split_candidates(runs, ntiles, nblk, threads, rule)
+        if known in candidates:
+            return candidates[known]
+        x = _memory.empty(in_shape)
+        x[...] = np.random.default_rng(0).standard_normal(in_shape, dtype=np.float32)
+        out = _memory.empty(self.output_shape)
+        bias = np.zeros(self.packed.out_channels, np.float32)
+        panels = self.packed.panels
+        runs_of = {name: (lambda split=split: conv2d_forward(out, x, panels, self.starts, bias, NO_RESIDUAL,
+                                                              kernel_w, True, *split))
+                   for name, split in candidates.items()}
+        winner = wisdom.choose(machine, key, runs_of, f"{rule[0]},{rule[1]}",
+                               before=lambda name: evict_forward(panels), margin=SPLIT_MARGIN)
+        return candidates[winner]
 
 
 @jit
@@ -723,6 +769,7 @@ def _measured_winograd(packed, input_shape, pads, rule):
     x[...] = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
     bias = np.zeros(packed.out_channels, np.float32)
     plans = {name: Conv2DPlan(packed, input_shape, 1, pads, winograd=name == "winograd") for name in ("winograd", "direct")}
+    plans["direct"].measure_split = False  # timed with the rule's split: one measurement at a time
     out = _memory.empty(plans["direct"].output_shape)
     runs = {name: (lambda plan=plan: plan(out, x, bias, NO_RESIDUAL, True)) for name, plan in plans.items()}
     # timed as a forward pass meets the layer: its input just written, its weights in memory (the

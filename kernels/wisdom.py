@@ -1,8 +1,9 @@
 """Measured plan-time choices, kept per machine on disk (FFTW's "wisdom").
 
 Where a rule cannot say which way a convolution runs faster (today: Winograd
-F(4x4, 3x3) or the direct kernel, for a stride-1 3x3 convolution), the plan
-times both once on this machine and records the winner under a key naming the CPU,
+F(4x4, 3x3) or the direct kernel, for a stride-1 3x3 convolution; and how a
+small direct convolution splits its work between the threads), the plan
+times the candidates once on this machine and records the winner under a key naming the CPU,
 the compiled ISA and tile, the thread count and the layer's shape.  Later plans
 read the record: a load that finds its wisdom pays a dictionary look-up.
 
@@ -85,19 +86,22 @@ def record(machine, key, value):
             pass
 
 
-def choose(machine, key, candidates, rule, before=None):
+def choose(machine, key, candidates, rule, before=None, margin=0.0):
     """Return the fastest of ``candidates`` for ``key`` (name -> callable running once).
 
     The recorded choice if there is one; else, in "measure" mode, times each
     candidate (best of a few runs, alternating; ``before(name)``, if given, runs
-    untimed before each) and records the winner; else ``rule``.
+    untimed before each) and records the winner; else ``rule``.  With ``margin``,
+    ``rule`` (one of the candidates) stays the choice unless another is faster by
+    that fraction of its time (a noisy machine then does not move a choice for nothing).
     """
     known = lookup(machine, key)
     if known in candidates:
         return known
     if mode() != "measure":
         return rule
-    print(f"fastres: timing {key} once for this CPU ({' or '.join(candidates)})", file=sys.stderr, flush=True)
+    ways = " or ".join(candidates) if len(candidates) <= 3 else f"{len(candidates)} ways"
+    print(f"fastres: timing {key} once for this CPU ({ways})", file=sys.stderr, flush=True)
     best = {name: float("inf") for name in candidates}
     for run in candidates.values():
         run()  # warm-up: compile or load each kernel before any timing
@@ -109,5 +113,7 @@ def choose(machine, key, candidates, rule, before=None):
             run()
             best[name] = min(best[name], time.perf_counter() - start)
     winner = min(best, key=best.get)
+    if rule in best and best[winner] > (1 - margin) * best[rule]:
+        winner = rule
     record(machine, key, winner)
     return winner

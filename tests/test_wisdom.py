@@ -92,3 +92,99 @@ def test_an_unwritable_place_is_not_an_error(tmp_path, monkeypatch, rng):
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="wisdom mode must be one of measure, read, off"):
         wisdom.set_mode("always")
+
+
+SMALL = (1, 8, 8, 128)   # a 1x1 convolution to 512 channels: under SPLIT_MEASURE_FLOPS, so its work split is measured
+
+
+def small_plan(rng):
+    return K.Conv2DPlan(K.pack_conv2d(rng.standard_normal((1, 1, 128, 512), dtype=np.float32)), SMALL, 1, (0, 0, 0, 0))
+
+
+def split_of(plan, x, out, bias):
+    """(nchunks, group) of the plan's direct kernel call."""
+    (kernel, args), = plan._calls(out, x, bias, conv.NO_RESIDUAL, False)
+    assert kernel is conv.conv2d_forward
+    return args[-2:]
+
+
+def test_a_small_convolution_measures_its_split_once_and_any_split_gives_the_same_answer(store, rng, monkeypatch):
+    assert 2 * 8 * 8 * 128 * 512 <= conv.SPLIT_MEASURE_FLOPS
+    plan = small_plan(rng)
+    x = rng.standard_normal(SMALL, dtype=np.float32)
+    bias = rng.standard_normal(512, dtype=np.float32)
+    out = np.empty(plan.output_shape, np.float32)
+    split = split_of(plan, x, out, bias)
+    machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
+    (key, choice), = json.loads(store.read_text())[machine].items()
+    assert key == "split 1x1/1 1x8x8x128->512" and choice == ",".join(map(str, split))
+    monkeypatch.setattr(wisdom, "choose", lambda *a, **k: pytest.fail("a recorded split was measured again"))
+    monkeypatch.setitem(wisdom._state, "records", None)   # as a new process: read from the file
+    assert split_of(small_plan(rng), x, out, bias) == split
+    reference = np.einsum("nhwc,co->nhwo", x.astype(np.float64), plan.packed.unpacked().astype(np.float64)[0, 0]) + bias
+    np.testing.assert_allclose(plan(out, x, bias), reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def candidates():
+    threads = K.get_num_threads()
+    ntiles, nblk = -(-64 // conv.TILE), -(-512 // conv.PANEL)
+    rule = conv.work_split(1, ntiles, nblk, 128, threads)
+    return list(conv.split_candidates(1, ntiles, nblk, threads, rule).values())
+
+
+@pytest.mark.parametrize("which", [0, -1])
+def test_a_recorded_split_is_followed(store, rng, which):
+    split = candidates()[which]
+    plan = small_plan(rng)
+    x = rng.standard_normal(SMALL, dtype=np.float32)
+    bias = rng.standard_normal(512, dtype=np.float32)
+    out = np.empty(plan.output_shape, np.float32)
+    reference = plan(np.empty_like(out), x, bias)
+    machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
+    store.write_text(json.dumps({machine: {"split 1x1/1 1x8x8x128->512": f"{split[0]},{split[1]}"}}))
+    wisdom._state["records"] = None   # read the file again
+    assert split_of(plan, x, out, bias) == split
+    np.testing.assert_allclose(plan(out, x, bias), reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+
+
+def test_a_split_that_is_not_a_candidate_is_measured_again(store, rng):
+    machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
+    store.write_text(json.dumps({machine: {"split 1x1/1 1x8x8x128->512": "999,1"}}))
+    plan = small_plan(rng)
+    x = rng.standard_normal(SMALL, dtype=np.float32)
+    assert split_of(plan, x, np.empty(plan.output_shape, np.float32), np.zeros(512, np.float32)) in candidates()
+
+
+def test_off_splits_by_the_rule(store, rng):
+    wisdom.set_mode("off")
+    plan = small_plan(rng)
+    x = rng.standard_normal(SMALL, dtype=np.float32)
+    out = np.empty(plan.output_shape, np.float32)
+    threads = K.get_num_threads()
+    rule = conv.work_split(1, -(-64 // conv.TILE), -(-512 // conv.PANEL), 128, threads)
+    assert split_of(plan, x, out, np.zeros(512, np.float32)) == rule
+    assert not store.exists()
+
+
+class FakeClock:
+    """``time.perf_counter`` for ``wisdom.choose``: each candidate advances it by its own cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def candidate(self, cost):
+        def run():
+            self.now += cost
+        return run
+
+
+@pytest.mark.parametrize("other_cost, winner", [(0.97, "rule"), (0.90, "other"), (1.2, "rule")])
+def test_the_rule_stays_unless_another_is_faster_by_the_margin(store, monkeypatch, other_cost, winner):
+    clock = FakeClock()
+    monkeypatch.setattr(wisdom.time, "perf_counter", clock)
+    candidates = {"rule": clock.candidate(1.0), "other": clock.candidate(other_cost)}
+    assert wisdom.choose("machine", "key", candidates, "rule", margin=0.05) == winner
+    assert json.loads(store.read_text()) == {"machine": {"key": winner}}

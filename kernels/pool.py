@@ -3,13 +3,43 @@
 "same" padding follows TensorFlow: the output is ceil(size / stride), the
 padding is split with the extra row/column at the bottom/right, max-pooling
 ignores the padded positions, and average-pooling divides by the number of
-real pixels in each window (not by the window size).
+real pixels in each window (not by the window size).  A NaN anywhere in a
+max-pooling window gives NaN.
 """
 import numpy as np
 from numba import prange
 
 from . import _checks
-from ._numba import pjit
+from ._numba import inline, pjit
+
+
+@inline
+def _larger(v, m):
+    """``v`` if it is larger than ``m`` or NaN, else ``m``: a max that keeps a NaN from either side."""
+    return v if v > m or v != v else m
+
+
+@inline
+def _max3x3_forward(dst, r0, r1, r2, x0):
+    """``dst[ch]`` = the max of the 3x3 window whose top-left pixel is (row ``r0``, column ``x0``).
+
+    One pass over the channels with nine loads and one store: folded tap by tap into ``dst``,
+    LLVM made each conditional store a masked store (``vmaskmovps``), which AMD CPUs run a dozen
+    times slower than a plain one (ResNet50's pool1 took 0.5-0.8 ms on a Zen 3).
+
+    Parameters
+    ----------
+    dst : float32 (C,), written
+    r0, r1, r2 : float32 (W, C), three consecutive input rows
+    x0 : int, the window's first column
+    """
+    a0, a1, a2, b0, b1, b2, c0, c1, c2 = r0[x0], r0[x0 + 1], r0[x0 + 2], r1[x0], r1[x0 + 1], r1[x0 + 2], r2[x0], \
+        r2[x0 + 1], r2[x0 + 2]
+    for ch in range(dst.size):
+        top = _larger(a2[ch], _larger(a1[ch], a0[ch]))
+        middle = _larger(b2[ch], _larger(b1[ch], b0[ch]))
+        bottom = _larger(c2[ch], _larger(c1[ch], c0[ch]))
+        dst[ch] = _larger(bottom, _larger(middle, top))
 
 
 @pjit
@@ -39,6 +69,9 @@ def pool2d_forward(out, inp, pool, stride, pad, average, zeros):
             x0 = max(x * stride[1] - pad[1], 0)
             x1 = min(x * stride[1] - pad[1] + pool[1], w)
             dst = out[b, y, x]  # 1-D views: the channel loops vectorise
+            if not average and pool[0] == 3 and pool[1] == 3 and y1 - y0 == 3 and x1 - x0 == 3:  # a whole 3x3 max window
+                _max3x3_forward(dst, inp[b, y0], inp[b, y0 + 1], inp[b, y0 + 2], x0)
+                continue
             for ch in range(c):
                 dst[ch] = 0.0 if average else -np.inf
             for yy in range(y0, y1):
@@ -48,7 +81,7 @@ def pool2d_forward(out, inp, pool, stride, pad, average, zeros):
                         v = src[ch]
                         if average:
                             dst[ch] += v
-                        elif not v <= dst[ch]:  # NaN propagates, as in TensorFlow
+                        elif v > dst[ch] or v != v:  # a NaN anywhere in the window gives NaN
                             dst[ch] = v
             if average:
                 scale = np.float32(1.0 / (pool[0] * pool[1] if zeros else (y1 - y0) * (x1 - x0)))
@@ -79,7 +112,7 @@ def global_pool_forward(out, inp, average):
                 v = inp[b, p, ch]
                 if average:
                     out[b, ch] += v
-                elif not v <= out[b, ch]:
+                elif v > out[b, ch] or v != v:  # a NaN gives NaN
                     out[b, ch] = v
         if average:
             for ch in range(c):

@@ -162,6 +162,29 @@ def test_pooling_with_zero_padding_matches_naive_on_the_padded_input(pads, avera
     assert_close(out, want)
 
 
+@pytest.mark.parametrize("pool,stride", [((3, 3), (2, 2)), ((2, 2), (2, 2)), ((3, 3), (1, 1))])
+@pytest.mark.parametrize("tap", [(0, 0), (1, 1), (2, 2), (2, 0)])
+def test_a_nan_anywhere_in_a_max_window_gives_nan(pool, stride, tap, rng):
+    """Whatever tap of the window holds it (the 3x3 fast path and the general loop), and only there."""
+    x = rng.standard_normal((1, 7, 7, 9), dtype=np.float32)
+    x[0, 2 + tap[0], 2 + tap[1], 4] = np.nan   # inside the window of output (1, 1) for stride 2, (2, 2) for 1
+    out = K.max_pool2d(x, pool, stride)
+    got = np.isnan(out)
+    rows = np.arange(out.shape[1])[:, None] * stride[0]
+    cols = np.arange(out.shape[2])[None, :] * stride[1]
+    r, c = 2 + tap[0], 2 + tap[1]
+    covers = (rows <= r) & (r < rows + pool[0]) & (cols <= c) & (c < cols + pool[1])
+    np.testing.assert_array_equal(got[0, :, :, 4], covers)
+    assert not got[0, :, :, [0, 1, 2, 3, 5, 6, 7, 8]].any()
+
+
+def test_global_max_keeps_a_nan(rng):
+    x = rng.standard_normal((2, 5, 5, 3), dtype=np.float32)
+    x[0, 1, 2, 1] = np.nan
+    got = np.isnan(K.global_max_pool2d(x))
+    np.testing.assert_array_equal(got, [[False, True, False], [False, False, False]])
+
+
 def test_pool_strides_default_to_pool_size(rng):
     x = rng.standard_normal((1, 8, 8, 3), dtype=np.float32)
     assert_close(K.avg_pool2d(x, 2), naive.pool2d(x, (2, 2), (2, 2), "valid", True))

@@ -350,17 +350,38 @@ def _startup(script, cold=False, what="fastres"):
 
 
 TURN = 5            # passes an engine runs before the next one takes its turn
-TURN_REST = 0.02    # seconds between turns: the last engine's thread pool stops spinning
+TURN_REST = 0.02    # seconds between turns at least, and then until the last engine's threads are idle
+QUIET_CPU = 0.05    # idle: the process used at most this share of one core over a QUIET_WINDOW
+QUIET_WINDOW = 0.01
+REST_LIMIT = 1.0    # seconds: a rest never lasts longer
+
+
+def _rest():
+    """Sleep ``TURN_REST``, then until this process's threads are idle (at most ``REST_LIMIT``).
+
+    An engine's thread pool goes on spinning for a while after a pass: ONNX Runtime 1.32's for
+    about 45 ms on a 2-core Zen 3 VM, fastres's (OpenMP) about 10 ms, OpenVINO's not at all.  The
+    engine timed next would share the cores with it: fastres's first pass after an ONNX Runtime
+    turn took 2.3x its time, with a fixed 20 ms rest.
+    """
+    time.sleep(TURN_REST)
+    deadline = time.perf_counter() + REST_LIMIT
+    while time.perf_counter() < deadline:
+        used = time.process_time()
+        time.sleep(QUIET_WINDOW)
+        if time.process_time() - used <= QUIET_CPU * QUIET_WINDOW:
+            return
 
 
 def _time_in_turns(engines, x, runs, warmup, progress):
     """Time the engines taking turns; returns {name: (last output, seconds of each timed pass)}.
 
     Each engine first runs its ``warmup`` passes.  The timed passes then go round in turns of
-    ``TURN`` passes per engine, the order rotated every round, with a short rest after each
-    turn.  The machine's speed drifts over tens of seconds (a shared VM); timed one after the
-    other, each engine would get a different phase of it, and the one timed right after another
-    would share the cores with that engine's still-spinning threads.
+    ``TURN`` passes per engine, the order rotated every round, with a rest after each turn
+    until the engine's threads are idle (``_rest``).  The machine's speed drifts over tens of
+    seconds (a shared VM); timed one after the other, each engine would get a different phase
+    of it, and the one timed right after another would share the cores with that engine's
+    still-spinning threads.
     """
     names = list(engines)
     bar = progress_bar(len(names) * (runs + warmup), "timing " + ", ".join(names), progress)
@@ -369,7 +390,7 @@ def _time_in_turns(engines, x, runs, warmup, progress):
         for _ in range(warmup):
             outs[name] = engines[name](x)
             bar.update()
-        time.sleep(TURN_REST)
+        _rest()
     for turn in range(-(-runs // TURN)):
         for name in names[turn % len(names):] + names[: turn % len(names)]:
             for _ in range(min(TURN, runs - turn * TURN)):
@@ -377,7 +398,7 @@ def _time_in_turns(engines, x, runs, warmup, progress):
                 outs[name] = engines[name](x)
                 times[name].append(time.perf_counter() - start)
                 bar.update()
-            time.sleep(TURN_REST)
+            _rest()
     bar.close()
     return {name: (np.asarray(outs[name], np.float32), times[name]) for name in names}
 

@@ -104,6 +104,31 @@ def test_bench_times_the_engines_in_turns():
     assert turns == [("a", 5), ("b", 5), ("c", 5), ("b", 5), ("c", 5), ("a", 5), ("c", 2), ("a", 2), ("b", 2)]
 
 
+def test_a_rest_lasts_until_the_last_engines_threads_are_idle():
+    """As a thread pool spinning on after a pass: a thread busy for 0.3 s (numpy, without the GIL)."""
+    import threading
+    import time
+
+    from fastres import cli
+
+    done = threading.Event()
+    a, b = np.ones((200, 200)), np.ones((200, 200))
+
+    def spin():
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            a @ b
+        done.set()
+
+    start = time.perf_counter()
+    threading.Thread(target=spin).start()
+    cli._rest()
+    assert done.is_set() and time.perf_counter() - start >= 0.3
+    start = time.perf_counter()
+    cli._rest()   # nothing runs: the fixed rest and one quiet window
+    assert time.perf_counter() - start < cli.REST_LIMIT
+
+
 def test_startup_measurement_and_table():
     """The start-up plumbing with a stand-in engine: a fresh process, its own clock and peak memory."""
     from fastres import FastresError, cli, peers

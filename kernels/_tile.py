@@ -51,34 +51,54 @@ def pixel_starts(out_shape, in_shape, stride, runs):
 
 def start_accumulators(context, builder, signature, args, acc_ptr, which):
     """Codegen for the tile intrinsics: ``TILE * PANEL / lanes`` stack slots holding the tile's
-    accumulator vectors, started at the bias of the panel where it is whole, else at ``acc_ptr``'s
-    contents.  Returns (the slots, ``acc_ptr`` as a vector pointer).
+    accumulator vectors, started at the bias of the panel (zero past its last channel, in a part
+    panel).  Returns (the slots, ``acc_ptr`` as a vector pointer, where the tile's sums go).
 
     ``which`` = (index of the bias argument, index of the first-channel argument) in ``args``; the bias is a
     C-contiguous float32 array.  Loading the bias here, in vectors, matters: set by a Numba loop, LLVM
     unrolled it into scalar stores, and each accumulator vector loaded after them waited for its eight or
-    sixteen stores (a store-forwarding stall: 0.55 ms of a 1.6 ms 56x56x64 -> 256 1x1 on a Zen 3).
+    sixteen stores (a store-forwarding stall: 0.55 ms of a 1.6 ms 56x56x64 -> 256 1x1 on a Zen 3).  A part
+    panel's vectors are masked loads (``llvm.masked.load``), so no lane past the bias is read.
     LLVM promotes the slots to registers through the caller's loops.
     """
-    i64 = ir.IntType(64)
+    i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
     vector = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
+    lanes64 = ir.VectorType(i64, VECTOR_FLOATS)
+    mask_type = ir.VectorType(i1, VECTOR_FLOATS)
     acc_vec = builder.bitcast(acc_ptr, vector.as_pointer())
     nvec = PANEL // VECTOR_FLOATS
     slots = [cgutils.alloca_once(builder, vector) for _ in range(TILE * nvec)]
     bias_at, first_at = which
     bias = context.make_array(signature.args[bias_at])(context, builder, args[bias_at])
     first = context.cast(builder, args[first_at], signature.args[first_at], types.int64)
-    whole = builder.icmp_signed("<=", builder.add(first, i64(PANEL)), builder.extract_value(bias.shape, 0))
+    cout = builder.extract_value(bias.shape, 0)
+    panel_bias = builder.bitcast(builder.gep(bias.data, [first]), vector.as_pointer())
+    masked_load = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector]),
+        f"llvm.masked.load.v{VECTOR_FLOATS}f32.p0")
+
+    undefined, to_all = ir.Constant(lanes64, ir.Undefined), ir.Constant(ir.VectorType(i32, VECTOR_FLOATS), [0] * VECTOR_FLOATS)
+    left = builder.shuffle_vector(builder.insert_element(undefined, builder.sub(cout, first), i32(0)), undefined, to_all)
+    whole = builder.icmp_signed("<=", builder.add(first, i64(PANEL)), cout)
+    starts = [[None] * nvec, [None] * nvec]
     with builder.if_else(whole) as (then, otherwise):
         with then:
-            panel_bias = builder.bitcast(builder.gep(bias.data, [first]), vector.as_pointer())
             for j in range(nvec):
-                start = builder.load(builder.gep(panel_bias, [i64(j)]), align=4)
-                for t in range(TILE):
-                    builder.store(start, slots[t * nvec + j])
+                starts[0][j] = builder.load(builder.gep(panel_bias, [i64(j)]), align=4)
+            whole_block = builder.block
         with otherwise:
-            for k, slot in enumerate(slots):
-                builder.store(builder.load(builder.gep(acc_vec, [i64(k)]), align=4), slot)
+            for j in range(nvec):
+                lane = ir.Constant(lanes64, [j * VECTOR_FLOATS + k for k in range(VECTOR_FLOATS)])
+                mask = builder.icmp_signed("<", lane, left)
+                zero = ir.Constant(vector, [0.0] * VECTOR_FLOATS)
+                starts[1][j] = builder.call(masked_load, [builder.gep(panel_bias, [i64(j)]), i32(4), mask, zero])
+            part_block = builder.block
+    merged = [builder.phi(vector) for _ in range(nvec)]  # phis first: they head the block
+    for j, start in enumerate(merged):
+        start.add_incoming(starts[0][j], whole_block)
+        start.add_incoming(starts[1][j], part_block)
+        for t in range(TILE):
+            builder.store(start, slots[t * nvec + j])
     return slots, acc_vec
 
 

@@ -115,8 +115,8 @@ class _BFloat(ir.Type):
 def _dot_tile(typingctx, acc, x, xb, row_stride, kernel_h, pairs, panel, dot, bias, c0):
     """``acc[t, :] = start[t, :] + sum over rows i, pairs q of x-pair(t, i, q) . panel[i * pairs + q]``, in LLVM IR.
 
-    The accumulators start at ``bias[c0 : c0 + PANEL]`` where the panel is whole, else at ``acc``'s
-    contents (``_tile.start_accumulators``).
+    The accumulators start at ``bias[c0 : c0 + PANEL]``, zero past ``bias.size`` in a part panel
+    (``_tile.start_accumulators``); the sums are left in ``acc``.
 
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
     x : uint16 (flat) bf16 input; tile pixel t's kernel row i starts at ``xb[t] + i * row_stride``
@@ -251,10 +251,6 @@ def conv2d_bf16_forward(out, inp, panels, starts, bias, residual, kernel_w, relu
                                 prefetch(x, at + q)
                 for b in range(first, min(first + group, nblk)):
                     c0 = b * PANEL
-                    if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _dot_tile)
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                     _dot_tile(acc_ptr, x, xb_ptr, wp * cp, kernel_h, pairs, panels[0, b], dot, bias, c0)
                     store_tile(y, res, acc, acc_ptr, local0, c0, pixels, has_residual, relu)
             task = next_task(taken)

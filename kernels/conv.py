@@ -223,8 +223,8 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     held all six broadcasts at once on AVX2 (6 + 2 + 12 ymm of 16), spilled, and ran at half
     this speed (measured on an AMD Zen 3: 1x1 layers 53-59 GFLOPS against 96-107).
 
-    The accumulators start at ``bias[c0 : c0 + PANEL]`` where the panel is whole (``c0 + PANEL
-    <= bias.size``), else at ``acc``'s contents (``_tile.start_accumulators``).
+    The accumulators start at ``bias[c0 : c0 + PANEL]``, zero past ``bias.size`` in a part panel
+    (``_tile.start_accumulators``); the sums are left in ``acc``.
 
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
     x : float32 (flat) input; tile pixel t's kernel row i starts at ``xb[t] + i * row_stride``
@@ -361,10 +361,6 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     if b < first or b >= first + group:
                         continue
                     c0 = b * PANEL
-                    if c0 + PANEL > cout:  # a part panel's accumulators start here (a whole one's in _fma_tile)
-                        for t in range(TILE):
-                            for j in range(PANEL):
-                                acc[t, j] = bias[c0 + j] if c0 + j < cout else 0.0
                     panel = panels[wset, b]
                     # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
                     # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50

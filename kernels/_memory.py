@@ -11,10 +11,11 @@ ALIGN = 64  # bytes: one cache line, one AVX-512 vector
 
 
 def empty(shape, dtype=np.float32):
-    """An uninitialised C-contiguous array whose first element is ``ALIGN``-byte aligned."""
+    """An uninitialised C-contiguous array whose first element is ``ALIGN``-byte aligned, with at least
+    ``ALIGN`` bytes of readable memory after its last (the widened bf16 products read 2 bytes past a panel)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(count * dtype.itemsize + ALIGN, np.uint8)
+    raw = np.empty(count * dtype.itemsize + 2 * ALIGN, np.uint8)
     skip = -raw.ctypes.data % ALIGN
     return raw[skip: skip + count * dtype.itemsize].view(dtype).reshape(shape)
 

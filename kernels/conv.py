@@ -15,17 +15,19 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import carray, prange, types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from . import _checks, _memory, amx, bf16, wisdom
+from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
-from ._numba import (CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads, jit, l2_bytes,
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads, jit, l2_bytes,
                      next_task, pjit, prefetch, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
-LINE_FLOATS = 16  # float32 per 64-byte cache line
+LINE_BYTES = 64
+LINE_FLOATS = LINE_BYTES // 4  # float32 per cache line
 PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 channels)
 L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one tile to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
@@ -223,36 +225,62 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     held all six broadcasts at once on AVX2 (6 + 2 + 12 ymm of 16), spilled, and ran at half
     this speed (measured on an AMD Zen 3: 1x1 layers 53-59 GFLOPS against 96-107).
 
+    bf16 panels (``bf16.pack_bf16``) hold two kernel rows per step, as pairs in 32-bit lanes,
+    and the step covers inputs ``2q`` and ``2q + 1``.  On float32 inputs each row of the pair is
+    widened to float32 in turn (its halves shifted up: the even row is the low half of each lane,
+    the odd row the low half of the lanes loaded 2 bytes on) and multiplied with FMAs; on bf16
+    inputs (uint16, only where ``BF16_DOT``) one ``vdpbf16ps`` adds both products.
+
     The accumulators start at ``bias[c0 : c0 + PANEL]``, zero past ``bias.size`` in a part panel
     (``_tile.start_accumulators``); the sums are left in ``acc``.
 
     acc : CPointer(float32), (TILE, PANEL) accumulators (``stack_f32``)
-    x : float32 (flat) input; tile pixel t's kernel row i starts at ``xb[t] + i * row_stride``
+    x : float32, or uint16 (bf16) with bf16 panels, (flat) input; tile pixel t's kernel row i
+        starts at ``xb[t] + i * row_stride``
     xb : CPointer(uint64), TILE offsets
-    row_stride, kernel_h, row : int, input elements between kernel rows, rows, steps per row (KW * Cin)
-    panel : float32 (kernel_h * row, PANEL), C-contiguous
-    fetch : bool, prefetch the panel ``PREFETCH_ROWS`` rows ahead (where it is not in L1)
+    row_stride, kernel_h, row : int, input elements between kernel rows, rows, steps per row (KW * Cin,
+        or KW * Cin / 2 pairs)
+    panel : float32 (kernel_h * row, PANEL), or uint16 (kernel_h * row, PANEL, 2) bf16 pairs; C-contiguous
+    fetch : bool, prefetch the panel ``PREFETCH_ROWS`` steps ahead (where it is not in L1)
     bias : float32 (Cout,), C-contiguous
     c0 : int, the panel's first output channel
     """
-    if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and x.dtype == types.float32
-            and panel.dtype == types.float32 and panel.layout == "C" and is_bias(bias)):
+    if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and panel.layout == "C" and is_bias(bias)
+            and (x.dtype, panel.dtype, panel.ndim) in ((types.float32, types.float32, 2),
+                                                       (types.float32, types.uint16, 3), (types.uint16, types.uint16, 3))):
         return None
+    pairs, dot = panel.dtype == types.uint16, x.dtype == types.uint16
+    if dot and not BF16_DOT:
+        raise errors.TypingError("conv2d_forward: bf16 (uint16) inputs need vdpbf16ps (AVX512-BF16), which this "
+                                 f"target ({CPU_NAME}) lacks; give the bf16 weights float32 inputs")
     counts = (row_stride, kernel_h, row)
 
     def codegen(context, builder, signature, args):
         acc_ptr, x_arr, xb_ptr = args[:3]
         i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        vf = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
+        vf, vi = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(i32, VECTOR_FLOATS)
         stride, rows, steps = (context.cast(builder, v, t, types.uint64) for v, t in zip(args[3:6], counts))
         x_data = context.make_array(signature.args[1])(context, builder, x_arr).data
         w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
         nvec = PANEL // VECTOR_FLOATS
+        step_elements = 2 * PANEL if pairs else PANEL  # weight elements per step, 4 * PANEL bytes either way
         # one stack slot per accumulator vector: LLVM keeps them in registers through the loops
         slots, acc_vec = start_accumulators(context, builder, signature, args, acc_ptr, (8, 9))
         splat = ir.Constant(ir.VectorType(i32, VECTOR_FLOATS), [0] * VECTOR_FLOATS)
         hint = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
+        if dot:
+            vbf = ir.VectorType(_BFloat(), 2 * VECTOR_FLOATS)
+            product = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vbf, vbf]),
+                                                     f"llvm.x86.avx512bf16.dpbf16ps.{32 * VECTOR_FLOATS}")
+        shift = ir.Constant(vi, [16] * VECTOR_FLOATS)
+
+        def broadcast(pointer, vector):
+            one = builder.insert_element(ir.Constant(vector, ir.Undefined), builder.load(pointer, align=4), i32(0))
+            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), splat)
+
+        def accumulate(k, term):
+            builder.store(builder.fadd(builder.load(slots[k]), term, flags=("contract",)), slots[k])
 
         def loops(with_fetch):
             with cgutils.for_range(builder, rows) as kernel_row:
@@ -260,24 +288,45 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                 x_row = builder.mul(kernel_row.index, stride)
                 bases = [builder.gep(x_data, [builder.add(builder.load(builder.gep(xb_ptr, [i64(t)])), x_row)])
                          for t in range(TILE)]
-                w_row = builder.gep(w_data, [builder.mul(builder.mul(kernel_row.index, steps), i64(PANEL))])
+                w_row = builder.gep(w_data, [builder.mul(builder.mul(kernel_row.index, steps), i64(step_elements))])
                 with cgutils.for_range(builder, steps) as step:
                     q = step.index
-                    w_at = builder.gep(w_row, [builder.mul(q, i64(PANEL))])
+                    w_at = builder.gep(w_row, [builder.mul(q, i64(step_elements))])
                     if with_fetch:
-                        for line in range(0, PANEL, LINE_FLOATS):
-                            ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * PANEL + line)]), i8.as_pointer())
+                        for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
+                            ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements + line)]),
+                                                    i8.as_pointer())
                             builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
-                    ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j)]), vf.as_pointer()),
-                                       align=4) for j in range(nvec)]
-                    for t in range(TILE):
-                        one = builder.insert_element(ir.Constant(vf, ir.Undefined),
-                                                     builder.load(builder.gep(bases[t], [q]), align=4), i32(0))
-                        xt = builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), splat)
-                        for j, w in enumerate(ws):
-                            slot = slots[t * nvec + j]
-                            term = builder.fmul(xt, w, flags=("contract",))
-                            builder.store(builder.fadd(builder.load(slot), term, flags=("contract",)), slot)
+                    if pairs == dot:  # (the widened rows are loaded below)
+                        ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
+                                                           (vi if pairs else vf).as_pointer()), align=4)
+                              for j in range(nvec)]
+                    if not pairs:
+                        for t in range(TILE):
+                            xt = broadcast(builder.gep(bases[t], [q]), vf)
+                            for j, w in enumerate(ws):
+                                accumulate(t * nvec + j, builder.fmul(xt, w, flags=("contract",)))
+                    elif dot:  # pixel t's pair of bf16 inputs, one 32-bit lane, to every lane
+                        for t in range(TILE):
+                            pair = builder.bitcast(builder.gep(bases[t], [builder.shl(q, i64(1))]), i32.as_pointer())
+                            xt = builder.bitcast(broadcast(pair, vi), vbf)
+                            for j, w in enumerate(ws):
+                                k = t * nvec + j
+                                builder.store(builder.call(product, [builder.load(slots[k]), xt, builder.bitcast(w, vbf)]),
+                                              slots[k])
+                    else:  # the pair's rows widened to float32 one after the other, each times its own input
+                        w_bytes = builder.bitcast(w_at, i8.as_pointer())
+                        for e in range(2):
+                            # row e of the pair: the lanes loaded 2e bytes on, shifted up (for the odd row the
+                            # lane's upper half is the next lane's even value: shifted out).  Loaded again, not
+                            # masked, so that the even row's vectors need not stay live (on AVX-512 they spilled)
+                            row_e = [builder.bitcast(builder.shl(builder.load(builder.bitcast(
+                                builder.gep(w_bytes, [i64(4 * VECTOR_FLOATS * j + 2 * e)]), vi.as_pointer()), align=2),
+                                shift), vf) for j in range(nvec)]
+                            for t in range(TILE):
+                                xt = broadcast(builder.gep(bases[t], [builder.add(builder.shl(q, i64(1)), i64(e))]), vf)
+                                for j in range(nvec):
+                                    accumulate(t * nvec + j, builder.fmul(xt, row_e[j], flags=("contract",)))
 
         with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
             with then:
@@ -298,11 +347,15 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     The images of the batch may each have their own weights: with S weight sets,
     image ``n`` uses set ``n % S`` (Winograd runs its 36 products as 36 images).
 
+    bf16 panels (``bf16.pack_bf16``) take float32 inputs, or bf16 ones where ``BF16_DOT`` (``_fma_tile``).
+
     Parameters
     ----------
     out : float32 (N, OH, OW, Cout), written
-    inp : float32 (N, Hp, Wp, Cin), padded so that every tap is in bounds
-    panels : float32 (S, nblk, KH*KW*Cin, PANEL) from ``pack_conv2d``; S is 1 or N
+    inp : float32, or uint16 (bf16), (N, Hp, Wp, Cin), padded so that every tap is in bounds; Cin even with bf16 panels
+    panels : float32 (S, nblk, KH*KW*Cin, PANEL) from ``pack_conv2d``, S 1 or N; or uint16 (1, nblk, KH*KW*Cin/2,
+        PANEL, 2), bf16 pairs from ``bf16.pack_bf16`` (its buffer has the 2 readable bytes past the end
+        that the widened products read)
     starts : int64 (runs, tiles * TILE) from ``pixel_starts`` (it holds the stride)
     bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout) added before ReLU, or (0, 0, 0, 0) for none
@@ -313,9 +366,10 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     """
     n, oh, ow, cout = out.shape
     wp, cin = inp.shape[2], inp.shape[3]
-    sets, nblk, depth, _ = panels.shape
-    row = kernel_w * cin
+    sets, nblk, depth = panels.shape[0], panels.shape[1], panels.shape[2]
+    row = kernel_w * cin // (2 if panels.ndim == 5 else 1)  # steps per kernel row: inputs, or pairs of them
     kernel_h = depth // row
+    line = LINE_BYTES // inp.itemsize  # input elements per cache line
     image_pixels = oh * ow
     has_residual = residual.size > 0
     x = inp.reshape(-1)
@@ -351,7 +405,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     for t in range(TILE):
                         for i in range(kernel_h):
                             at = starts[run, local0 + TILE + t] + i * wp * cin
-                            for q in range(0, row, LINE_FLOATS):
+                            for q in range(0, kernel_w * cin, line):
                                 prefetch(x, at + q)
                 for t in range(TILE):  # unsigned offsets: no negative-index test per load
                     xb[t] = np.uint64(starts[run, local0 + t])
@@ -384,30 +438,37 @@ def winograd_starts(tiles, cin):
 
 @pjit
 def zero_pad_forward(out, inp, top, left):
-    """Copy ``inp`` into the middle of ``out`` and zero the border.
+    """Copy ``inp`` into the middle of ``out`` and zero the border and any extra channel.
 
     Row by row through 1-D views, so every inner loop runs over non-negative offsets
     and vectorises (4-D indexing tests each index for wrap-around and stays scalar).
 
     Parameters
     ----------
-    out : float32 (N, H + top + bottom, W + left + right, C), written
+    out : float32 (N, H + top + bottom, W + left + right, Cp), Cp >= C, written
     inp : float32 (N, H, W, C)
     top, left : int, rows and columns of zeros before the input
     """
-    n, hp, wp, c = out.shape
-    h, w = inp.shape[1], inp.shape[2]
-    rows_out, rows_in = out.reshape(n * hp, wp * c), inp.reshape(n * h, w * c)
+    n, hp, wp, cp = out.shape
+    h, w, c = inp.shape[1], inp.shape[2], inp.shape[3]
+    rows_out, rows_in = out.reshape(n * hp, wp * cp), inp.reshape(n * h, w * c)
     for row in prange(n * hp):
         dst = rows_out[row]
         y = row % hp - top
         if 0 <= y < h:
             src = rows_in[row // hp * h + y]
-            before, middle, after = dst[: left * c], dst[left * c: (left + w) * c], dst[(left + w) * c:]
+            before, middle, after = dst[: left * cp], dst[left * cp: (left + w) * cp], dst[(left + w) * cp:]
             for k in range(before.size):
                 before[k] = 0.0
-            for k in range(middle.size):
-                middle[k] = src[k]
+            if c == cp:
+                for k in range(middle.size):
+                    middle[k] = src[k]
+            else:
+                for xx in range(w):
+                    for ch in range(c):
+                        middle[xx * cp + ch] = src[xx * c + ch]
+                    for ch in range(c, cp):
+                        middle[xx * cp + ch] = 0.0
             for k in range(after.size):
                 after[k] = 0.0
         else:
@@ -497,7 +558,7 @@ class Conv2DPlan:
 
     A bf16 packing (``pack_conv2d(w, precision="bf16")``) rounds the input to bf16 into
     ``rounded`` on each call and runs on AMX where ``amx.usable`` (or, packed for it,
-    gathered by im2col), else on ``bf16.conv2d_bf16_forward``; never Winograd.  ``feed``
+    gathered by im2col), else on ``conv2d_forward``'s bf16 products; never Winograd.  ``feed``
     lets one plan write the next one's bf16 input.
 
     Parameters
@@ -567,8 +628,9 @@ class Conv2DPlan:
                 self.blocks = -(-virtual // amx.block_pixels(self.wide))
             else:
                 self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
-                self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
-                self.rounded_shape = self.rounded.shape
+                if bf16.use_dot():
+                    self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
+                    self.rounded_shape = self.rounded.shape
             if self.amx:  # the tiles load the bias of whole panels
                 self.bias = np.zeros(packed.panels.shape[1] * PANEL, np.float32)
         elif packed.im2col:
@@ -576,14 +638,16 @@ class Conv2DPlan:
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        self.padded = _memory.zeros((n, hp, wp, cin)) if any(self.pads) and packed.precision == "fp32" else None
+        # the bf16 input on AMX and vdpbf16ps; else the float32 input (padded, with an even channel count in bf16)
+        self.rounds_input = packed.precision == "bf16" and (self.amx or bf16.use_dot())
+        cp = cin + cin % 2 if packed.precision == "bf16" else cin
+        self.padded = _memory.zeros((n, hp, wp, cp)) if (any(self.pads) or cp != cin) and not self.rounds_input else None
         self._splits = {}
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
         if packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
                            if self.amx else bf16.description())
-            self.dot = not self.amx and bf16.use_dot()
 
     def _split(self, panels, runs, ntiles):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
@@ -664,7 +728,7 @@ class Conv2DPlan:
         """The kernel calls of ``bind``: a list of (kernel, arguments)."""
         kh, kw = self.packed.kernel_size
         calls = []
-        if self.packed.precision == "bf16":
+        if self.rounds_input:
             bits = x.view(np.uint32)
             if not self.prerounded:  # else the producer has written it (``feed``)
                 if self.packed.im2col:
@@ -683,13 +747,14 @@ class Conv2DPlan:
                     rows, self.rounded, self.packed.panels, self.bias, res, 1 if one_by_one else kh, 1 if one_by_one else kw,
                     relu, *self._split(self.packed.panels, rows.shape[0], self.blocks), *self.bf16_output, self.wide)))
                 return calls
-            calls.append((bf16.conv2d_bf16_forward, (
-                out, self.rounded, self.packed.panels, self.starts, bias, residual, kw, relu,
-                *self._split(self.packed.panels, *self._tiles(self.starts)), self.dot)))
-            return calls
-        if self.padded is not None:
+            x = self.rounded
+        elif self.padded is not None:
             calls.append((zero_pad_forward, (self.padded, x, self.pads[0], self.pads[2])))
             x = self.padded
+        if self.packed.precision == "bf16":  # the rule's work split (wisdom's splits are timed in float32)
+            calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
+                                           *self._split(self.packed.panels, *self._tiles(self.starts)))))
+            return calls
         if self.winograd:
             for first in range(0, out.shape[0], self.images):
                 last = min(out.shape[0], first + self.images)

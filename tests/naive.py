@@ -102,6 +102,7 @@ def bf16_round(x):
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
-def conv2d_bf16(x, w, bias=None, stride=1, padding="valid", relu=False, residual=None):
-    """``conv2d`` with x and w rounded to bf16 first; products and sums in float64, bias/residual/ReLU exact."""
-    return conv2d(bf16_round(x), bf16_round(w), bias, stride, padding, relu, residual)
+def conv2d_bf16(x, w, bias=None, stride=1, padding="valid", relu=False, residual=None, round_input=True):
+    """``conv2d`` with w (and x, with ``round_input``) rounded to bf16 first; products and sums in float64,
+    bias/residual/ReLU exact."""
+    return conv2d(bf16_round(x) if round_input else x, bf16_round(w), bias, stride, padding, relu, residual)

@@ -13,10 +13,16 @@ import naive
 from conftest import assert_close
 from fastres.kernels import _numba, bf16
 
-# The bf16 convolution against naive.conv2d_bf16 (x and w rounded the same way, float64 sums): only the
-# order and precision of the float32 accumulation differ, so the error is float32 rounding over the
-# receptive field; measured ~2e-7 of the largest output on these shapes.
+# The bf16 convolution against naive.conv2d_bf16 (w, and x where the kernel rounds it, rounded the same
+# way, float64 sums): only the order and precision of the float32 accumulation differ, so the error is
+# float32 rounding over the receptive field; measured ~2e-7 of the largest output on these shapes.
 KERNEL_RTOL = 1e-5
+
+
+def rounds_input(packed, x_shape, stride):
+    """Whether ``K.conv2d`` rounds its input to bf16 here (AMX, vdpbf16ps), or keeps it float32 (widened weights)."""
+    kh = packed.kernel_size[0]
+    return K.Conv2DPlan(packed, x_shape, stride, (kh // 2,) * 4).rounds_input
 
 
 def _bits(values):
@@ -96,10 +102,11 @@ def test_bf16_conv_matches_naive_bf16(name, rng):
     b = rng.standard_normal(ws[-1], dtype=np.float32)
     packed = K.pack_conv2d(w, precision="bf16")
     assert packed.precision == "bf16"
-    want = naive.conv2d_bf16(x, w, b, stride, padding)
+    rounded = rounds_input(packed, xs, stride)
+    want = naive.conv2d_bf16(x, w, b, stride, padding, round_input=rounded)
     residual = rng.standard_normal(want.shape, dtype=np.float32) if with_residual else None
     relu = with_residual or name == "1x1"
-    want = naive.conv2d_bf16(x, w, b, stride, padding, relu=relu, residual=residual)
+    want = naive.conv2d_bf16(x, w, b, stride, padding, relu=relu, residual=residual, round_input=rounded)
     got = K.conv2d(x, packed, b, strides=stride, padding=padding, relu=relu, residual=residual)
     assert_close(got, want, rtol=KERNEL_RTOL)
     # and the rounding is really there: against the float32 reference it is off by about 2^-9
@@ -111,8 +118,10 @@ def test_bf16_dense_matches_naive_bf16(rng):
     x = rng.standard_normal((5, 300), dtype=np.float32)
     w = rng.standard_normal((300, 21), dtype=np.float32)
     b = rng.standard_normal(21, dtype=np.float32)
-    got = K.dense(x, K.pack_conv2d(w, precision="bf16"), b, relu=True)
-    want = np.maximum(naive.bf16_round(x) @ naive.bf16_round(w) + b, 0)
+    packed = K.pack_conv2d(w, precision="bf16")
+    got = K.dense(x, packed, b, relu=True)
+    rounded = rounds_input(packed, (5, 1, 1, 300), 1)
+    want = np.maximum((naive.bf16_round(x) if rounded else x) @ naive.bf16_round(w) + b, 0)
     assert_close(got, want, rtol=KERNEL_RTOL)
 
 
@@ -128,7 +137,8 @@ def test_bf16_plan_reports_its_kernel():
                         (1, 1, 1, 1))
     assert not plan.winograd   # never in bf16: its transforms amplify the rounding
     assert "bf16" in plan.kernel
-    assert bf16.kernel() == ("vdpbf16ps" if bf16.use_dot() else "bf16 widened to fp32 FMA")
+    assert bf16.kernel() == ("vdpbf16ps" if bf16.use_dot() else "bf16 weights widened to fp32 FMA")
+    assert plan.rounds_input == (plan.amx or bf16.use_dot())  # the widened weights take float32 inputs
     assert bf16.use_dot() <= _numba.BF16_DOT  # vdpbf16ps only where the CPU has it
 
 

@@ -44,6 +44,7 @@ def main(path):
         r = rng.standard_normal(K.conv2d(x, packed, b, strides=stride, padding=padding).shape, dtype=np.float32)
         results[name] = K.conv2d(x, packed, b, strides=stride, padding=padding, relu=True, residual=r)
         results[name + "_x"], results[name + "_w"], results[name + "_b"], results[name + "_r"] = x, w, b, r
+        results[name + "_rounded"] = K.Conv2DPlan(packed, xs, stride, (ws[0] // 2,) * 4).rounds_input
     results["dense"] = K.dense(rng.standard_normal((3, 70), dtype=np.float32),
                                rng.standard_normal((70, 21), dtype=np.float32))
     np.savez(path, isa=_numba.ISA, tile=f"{conv.TILE}x{conv.PANEL}", cpu=_numba.CPU_NAME, bf16_dot=_numba.BF16_DOT,

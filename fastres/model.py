@@ -440,9 +440,9 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
     "own": its tile starts; "padded": its padded input; "v", "m": its Winograd blocks.  A plan's
     convolutions share one buffer of each of the last three kinds (``_SharedScratch``), so a plan
     needs the largest of each.  The Winograd kernel packing is a weight, made once per layer, and
-    not counted here.  In bf16 each convolution's bf16 copy of its (padded) input, or of its gathered
-    receptive fields, is counted whole (most share one buffer, but a fed one has its own), and none
-    runs Winograd.
+    not counted here.  In bf16 each convolution's bf16 (or, widened, float32) copy of its (padded)
+    input, or of its gathered receptive fields, is counted whole (most share one buffer, but a fed one
+    has its own), and none runs Winograd.
     """
     found = {"own": 0, "padded": 0, "v": 0, "m": 0}
     if op.kind not in ("Conv2D", "Dense"):
@@ -456,7 +456,8 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
         padded = math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1)
         gathered = math.prod(out[:-1]) * amx.im2col_depth((kh, kw), cin) if amx.gathered((kh, kw), cin) else 0
         rounded = padded + gathered  # a gathering plan keeps its rounded, padded input too
-        found["own"] += 2 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
+        # (counted at 4 bytes: where the bf16 weights are widened, the padded input stays float32)
+        found["own"] += 4 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
         return found
     if op.kind == "Conv2D":
         (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]

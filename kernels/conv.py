@@ -27,7 +27,6 @@ from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_mo
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
-LINE_FLOATS = LINE_BYTES // 4  # float32 per cache line
 PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 channels)
 L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one tile to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
@@ -751,10 +750,6 @@ class Conv2DPlan:
         elif self.padded is not None:
             calls.append((zero_pad_forward, (self.padded, x, self.pads[0], self.pads[2])))
             x = self.padded
-        if self.packed.precision == "bf16":  # the rule's work split (wisdom's splits are timed in float32)
-            calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu,
-                                           *self._split(self.packed.panels, *self._tiles(self.starts)))))
-            return calls
         if self.winograd:
             for first in range(0, out.shape[0], self.images):
                 last = min(out.shape[0], first + self.images)
@@ -772,7 +767,7 @@ class Conv2DPlan:
             calls.append((im2col_forward, (self.cols, x, kh, kw, self.stride)))
             x, kw = self.cols.reshape(*out.shape[:3], -1), 1
         split = self._split(self.packed.panels, *self._tiles(self.starts))
-        small = 2 * out.size * self.packed.panels.shape[2] <= SPLIT_MEASURE_FLOPS
+        small = 2 * out.size * math.prod(self.packed.kernel_size) * self.packed.in_channels <= SPLIT_MEASURE_FLOPS
         if small and self.measure_split and not self.packed.im2col:
             split = self._measured_split(x.shape, kw, split)
         calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
@@ -786,7 +781,9 @@ class Conv2DPlan:
         nblk = self.packed.panels.shape[1]
         machine = f"{MACHINE} | {threads} threads"
         kh, kw = self.packed.kernel_size
-        key = f"split {kh}x{kw}/{self.stride} {'x'.join(map(str, in_shape))}->{self.packed.out_channels}"
+        key = (f"split {kh}x{kw}/{self.stride} {'x'.join(map(str, in_shape))}->{self.packed.out_channels}"
+               + ("" if self.packed.precision == "fp32" else f" {self.packed.precision}"
+                  + (" inputs" if self.rounds_input else " weights")))
         known = wisdom.lookup(machine, key)
         if known is None and wisdom.mode() != "measure":
             return rule
@@ -795,6 +792,8 @@ class Conv2DPlan:
             return candidates[known]
         x = _memory.empty(in_shape)
         x[...] = np.random.default_rng(0).standard_normal(in_shape, dtype=np.float32)
+        if self.rounds_input:
+            x = bf16.to_bf16(x)
         out = _memory.empty(self.output_shape)
         bias = np.zeros(self.packed.out_channels, np.float32)
         panels = self.packed.panels
@@ -812,10 +811,10 @@ def evict_forward(array):
 
     Parameters
     ----------
-    array : float32 (any shape), C-contiguous
+    array : float32 or uint16 (any shape), C-contiguous
     """
     flat = array.reshape(-1)
-    for i in range(0, flat.size, LINE_FLOATS):
+    for i in range(0, flat.size, LINE_BYTES // flat.itemsize):
         evict_line(flat, i)
 
 

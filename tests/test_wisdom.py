@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import fastres.kernels as K
+import naive
 from fastres.kernels import conv, wisdom
 
 SHAPE, PADS = (1, 28, 28, 32), (1, 1, 1, 1)   # a 3x3 convolution above WINOGRAD_MEASURE_FLOPS
@@ -123,6 +124,27 @@ def test_a_small_convolution_measures_its_split_once_and_any_split_gives_the_sam
     assert split_of(small_plan(rng), x, out, bias) == split
     reference = np.einsum("nhwc,co->nhwo", x.astype(np.float64), plan.packed.unpacked().astype(np.float64)[0, 0]) + bias
     np.testing.assert_allclose(plan(out, x, bias), reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_a_bf16_convolution_records_its_split_apart_from_float32(store, rng):
+    """bf16 weights stream at half the bytes: their split is measured and kept under its own name."""
+    w = rng.standard_normal((1, 1, 128, 512), dtype=np.float32)
+    plan = K.Conv2DPlan(K.pack_conv2d(w, precision="bf16"), SMALL, 1, (0, 0, 0, 0))
+    x = rng.standard_normal(SMALL, dtype=np.float32)
+    bias = rng.standard_normal(512, dtype=np.float32)
+    out = np.empty(plan.output_shape, np.float32)
+    calls = plan._calls(out, x, bias, conv.NO_RESIDUAL, False)
+    if plan.amx:
+        pytest.skip("this 1x1 runs on AMX tiles, which split their work by rule")
+    kernel, args = calls[-1]
+    assert kernel is conv.conv2d_forward
+    machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
+    (key, choice), = [(k, v) for k, v in json.loads(store.read_text())[machine].items() if k.startswith("split")]
+    kind = "inputs" if plan.rounds_input else "weights"
+    assert key == f"split 1x1/1 1x8x8x128->512 bf16 {kind}" and choice == ",".join(map(str, args[-2:]))
+    rounded = naive.bf16_round(x) if plan.rounds_input else x
+    reference = np.einsum("nhwc,co->nhwo", rounded, naive.bf16_round(w)[0, 0]) + bias
+    np.testing.assert_allclose(plan(out, x, bias), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def candidates():

@@ -66,7 +66,8 @@ def _build_parser():
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, which silences the table)")
     bench.add_argument("--plot", metavar="FILE.png", help="draw the latencies as a PNG (needs matplotlib)")
     bench.add_argument("--no-cold", action="store_true", help="skip the cold-start measurement (it compiles every kernel afresh)")
-    _precision_option(bench, " (with openvino in --compare, bf16 runs OpenVINO at both precisions)")
+    _precision_option(bench, " (bf16 also times fastres in fp32, and OpenVINO at both precisions when "
+                             "--compare names openvino)")
     bench.set_defaults(run=_bench)
 
     predict = sub.add_parser("predict", help="classify images",
@@ -127,7 +128,8 @@ def _build_parser():
 def _precision_option(parser, more=""):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (default), or bf16: weights rounded to bfloat16 once at load (half the memory), "
-                             "each convolution's input rounded to bf16, float32 accumulation" + more)
+                             "float32 accumulation; each convolution's input rounded to bf16 where the products run on "
+                             "bf16 instructions (AMX, vdpbf16ps)" + more)
 
 
 def _positive(text):
@@ -458,14 +460,19 @@ def _bench(args):
     results = {}
     import tempfile
 
+    precisions = {"fastres": model.precision, **PEER_PRECISION}
     with tempfile.TemporaryDirectory() as folder:  # the ONNX peers' model, converted once
         forwards, scripts = _prepare_peers(peers, path, threads, shape, results, folder, say)
+        if model.precision != "fp32":  # fastres at both precisions too: what bf16 gains here
+            peers.insert(0, "fastres-fp32")
+            precisions["fastres-fp32"] = "fp32"
+            forwards = {"fastres-fp32": _load(path, args.architecture, args.threads).predict, **forwards}
         timed = _time_in_turns({"fastres": model.predict, **forwards}, x, args.runs, args.warmup, not quiet)
         del forwards  # the peers' memory is not the start-up measurement's
         reference, times = timed.pop("fastres")
         results = {"fastres": {"status": "ok", "precision": model.precision, "times": times}, **results}
         for name, (out, peer_times) in timed.items():
-            results[name] = {"status": "ok", "precision": PEER_PRECISION[name], "times": peer_times,
+            results[name] = {"status": "ok", "precision": precisions[name], "times": peer_times,
                              "max_abs_diff": float(np.abs(out - reference).max()),
                              "reference_max_abs": float(np.abs(reference).max())}
         results = {name: results[name] for name in ["fastres", *peers]}  # in the order asked for
@@ -508,7 +515,7 @@ def _bench(args):
         rows = []
         for name, r in results.items():
             if r["status"] != "ok":
-                rows.append((name, PEER_PRECISION.get(name, "-"), "-", "-", "-", "-", r["status"]))
+                rows.append((name, precisions.get(name, "-"), "-", "-", "-", "-", r["status"]))
                 continue
             diff = "(reference)" if name == "fastres" else f"{r['max_abs_diff']:.2e} (of {r['reference_max_abs']:.2e})"
             rows.append((name, r["precision"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",

@@ -12,7 +12,7 @@ channels), columns are output channels.
   dropped.  A strided 1x1 convolution first subsamples its input
   (``subsample_to_bf16_forward``); inputs whose channels do not fill a 32-wide tile row
   (the 3-channel stem) are rounded and padded, then gathered (``gather_bf16_forward``) and run as a 1x1.
-  Other strided convolutions use ``bf16.conv2d_bf16_forward``.
+  Other strided convolutions use ``conv.conv2d_forward`` on the bf16 panels.
 * Weights.  The bf16 panels of ``bf16.pack_bf16`` are already in AMX's pair layout: 16
   pair rows of 16 columns of a 64-column panel are one B tile, 256 bytes apart.
 * Blocking (``_tile_block``).  A step computes 32 pixels x 32 output channels from two

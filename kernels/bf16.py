@@ -104,7 +104,7 @@ class _BFloat(ir.Type):
 
 
 def pack_bf16(w):
-    """Round a folded HWIO kernel to bf16 and pack it in row pairs for ``conv2d_bf16_forward``.
+    """Round a folded HWIO kernel to bf16 and pack it in row pairs for ``conv.conv2d_forward`` (and AMX).
 
     Parameters
     ----------

@@ -555,10 +555,12 @@ class Conv2DPlan:
     transformed weights; otherwise, or with wisdom off, the rule decides: at least
     ``WINOGRAD_MIN_TILES`` blocks and ``WINOGRAD_MIN_FLOPS``.
 
-    A bf16 packing (``pack_conv2d(w, precision="bf16")``) rounds the input to bf16 into
-    ``rounded`` on each call and runs on AMX where ``amx.usable`` (or, packed for it,
-    gathered by im2col), else on ``conv2d_forward``'s bf16 products; never Winograd.  ``feed``
-    lets one plan write the next one's bf16 input.
+    A bf16 packing (``pack_conv2d(w, precision="bf16")``) runs on AMX where ``amx.usable`` (or,
+    packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; never
+    Winograd.  On AMX and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
+    ``rounded`` on each call (``rounds_input``); the widened products read the float32 input,
+    padded (to an even channel count) like a float32 plan's.  ``feed`` lets one AMX plan write
+    the next one's bf16 input.
 
     Parameters
     ----------

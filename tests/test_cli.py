@@ -211,21 +211,23 @@ def test_bf16_precision(env, default_model, images):
     report = json.loads(bench.stdout)
     engines = report["engines"]
     assert report["precision"] == "bf16" and engines["fastres"]["precision"] == "bf16"
-    tf = engines["tensorflow"]
-    assert tf["precision"] == "fp32" and tf["max_abs_diff"] <= 5e-2 * tf["reference_max_abs"]
+    tf, fp32 = engines["tensorflow"], engines["fastres-fp32"]   # bf16 is timed beside fastres's own fp32
+    assert list(engines) == ["fastres", "fastres-fp32", "tensorflow"]
+    for peer in (tf, fp32):
+        assert peer["precision"] == "fp32" and peer["max_abs_diff"] <= 5e-2 * peer["reference_max_abs"]
     predict = run(env, "predict", default_model, images / "img0.png", "--precision", "bf16", "--top", "1", "--json")
     assert predict.returncode == 0, predict.stderr
     assert json.loads(predict.stdout)["top"][0]["probability"] > 0
     assert_user_error(run(env, "info", default_model, "--precision", "fp16"), "argument --precision: invalid choice")
 
 
-def test_bench_bf16_runs_openvino_at_both_precisions(env, default_model):
+def test_bench_bf16_runs_fastres_and_openvino_at_both_precisions(env, default_model):
     result = run(env, "bench", default_model, "--precision", "bf16", "--runs", "1", "--warmup", "0", "--no-cold",
                  "--compare", "openvino")
     assert result.returncode == 0, result.stderr
     speed_table = result.stdout.split("load to first result")[0]  # the start-up table below names the engines too
     rows = {line.split()[0]: line.split() for line in speed_table.splitlines() if line.split()}
-    assert rows["fastres"][1] == "bf16"
+    assert rows["fastres"][1] == "bf16" and rows["fastres-fp32"][1] == "fp32"
     assert rows["openvino"][1] == "fp32" and rows["openvino-bf16"][1] == "bf16"
 
 

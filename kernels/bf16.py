@@ -15,8 +15,8 @@ here as ``uint16`` and rounded to nearest even (``to_bf16``).
 * Where AMX does not run (``amx.usable``), ``conv.conv2d_forward`` takes the bf16 panels:
   on ``vdpbf16ps`` and bf16 inputs where the target has AVX512-BF16 and it was measured
   faster (``use_dot``), else on float32 inputs (not rounded), the two rows of each weight
-  pair widened to float32 by a shift and a mask and multiplied with float32 FMAs: half the
-  weight bandwidth at about float32's arithmetic rate.  Accumulation is float32 in both.
+  pair widened to float32 by a shift (``conv._fma_tile``) and multiplied with float32 FMAs: half
+  the weight bandwidth at about float32's arithmetic rate.  Accumulation is float32 in both.
 * Winograd is not used in bf16: its transforms multiply the rounding error of the bf16
   inputs and weights.
 """

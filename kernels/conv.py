@@ -22,8 +22,8 @@ from . import _checks, _memory, amx, bf16, wisdom
 from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
-from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads, jit, l2_bytes,
-                     next_task, pjit, prefetch, stack_f32, stack_u64)
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads,
+                     jit, l2_bytes, next_task, pjit, prefetch, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -296,7 +296,7 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                             ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements + line)]),
                                                     i8.as_pointer())
                             builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
-                    if pairs == dot:  # (the widened rows are loaded below)
+                    if not pairs or dot:  # (the widened rows are loaded one at a time, below)
                         ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
                                                            (vi if pairs else vf).as_pointer()), align=4)
                               for j in range(nvec)]
@@ -792,10 +792,9 @@ class Conv2DPlan:
         candidates = split_candidates(runs, ntiles, nblk, threads, rule)
         if known in candidates:
             return candidates[known]
-        x = _memory.empty(in_shape)
-        x[...] = np.random.default_rng(0).standard_normal(in_shape, dtype=np.float32)
-        if self.rounds_input:
-            x = bf16.to_bf16(x)
+        x = _memory.empty(in_shape, np.uint16 if self.rounds_input else np.float32)
+        values = np.random.default_rng(0).standard_normal(in_shape, dtype=np.float32)
+        x[...] = bf16.to_bf16(values) if self.rounds_input else values
         out = _memory.empty(self.output_shape)
         bias = np.zeros(self.packed.out_channels, np.float32)
         panels = self.packed.panels

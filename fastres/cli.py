@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -36,7 +37,9 @@ def main(argv=None):
         if not getattr(args, "run", None):
             parser.print_help()
             return 2
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except (_UsageError, FastresError) as exc:
         print(f"fastres: error: {exc}", file=sys.stderr)
         return 2
@@ -45,6 +48,15 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """fastres's own warnings as one line, ``fastres: warning: ...``; any other as Python shows it."""
+    text = str(message)
+    if text.startswith("fastres: "):
+        print(f"fastres: warning: {text[len('fastres: '):]}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _build_parser():

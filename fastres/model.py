@@ -58,7 +58,8 @@ def load(path, architecture=None, threads=None, classifier_activation="softmax",
         raise FastresError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if precision == "bf16" and not _numba.BF16_DOT:
         warnings.warn("fastres: this CPU has no AVX512-BF16; bf16 runs with bf16 weights widened to float32 for the "
-                      "products: half the weight memory, not twice the arithmetic rate", stacklevel=2)
+                      "products (the inputs stay float32): half the weight memory and traffic, not twice the "
+                      "arithmetic rate", stacklevel=2)
     try:
         limit = limits.resolve_limit(memory_limit)
     except ValueError as exc:

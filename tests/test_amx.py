@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from numba.core.errors import TypingError
 
 import fastres.kernels as K
 from fastres.kernels import amx, bf16, conv
@@ -87,7 +88,7 @@ def test_bf16_inputs_without_vdpbf16ps_are_refused():
     panels = bf16.pack_bf16(np.ones((1, 1, 8, 16), np.float32))
     out = np.empty((1, 1, 6, 16), np.float32)
     x = np.zeros((1, 1, 6, 8), np.uint16)
-    with pytest.raises(Exception, match="vdpbf16ps"):
+    with pytest.raises(TypingError, match="vdpbf16ps"):
         conv.conv2d_forward(out, x, panels, conv.pixel_starts(out.shape, x.shape, 1, 1), np.zeros(16, np.float32),
                             K.NO_RESIDUAL, 1, False, 1, 1)
 

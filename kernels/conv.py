@@ -576,6 +576,7 @@ class Conv2DPlan:
         (kh, kw), cin, cout = packed.kernel_size, packed.in_channels, packed.out_channels
         self.packed, self.stride, self.pads = packed, stride, pads
         hp, wp = h + top + bottom, w + left + right
+        cp = cin + cin % 2 if packed.precision == "bf16" else cin  # bf16 pairs never straddle two pixels
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
         image_tiles = -(-oh // 4) * -(-ow // 4)
@@ -590,6 +591,7 @@ class Conv2DPlan:
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
         self.amx = self.wide = False
+        self.rounds_input = False                  # True: a bf16 input on AMX or vdpbf16ps, in ``rounded``
         self.bf16_output = (NO_BF16_OUTPUT, 0, 0)  # where ``feed`` sends the output instead of ``out``
         self.measure_split = True                 # a small direct convolution's split from ``wisdom``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
@@ -609,9 +611,9 @@ class Conv2DPlan:
             # group of images and the last
             self.starts = {t: winograd_starts(t, cin)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
-        elif packed.precision == "bf16":  # the input is rounded to bf16 while padded, every call
-            cp = cin + cin % 2
+        elif packed.precision == "bf16":  # on AMX and vdpbf16ps, the input rounded to bf16 while padded
             self.amx = amx.usable((kh, kw), cin, stride, pads) or packed.im2col
+            self.rounds_input = self.amx or bf16.use_dot()
             if packed.im2col:  # rows of receptive fields, run as a 1x1 over (1, 1, N*OH*OW)
                 depth = 2 * packed.panels.shape[2]
                 self.rounded = _memory.zeros(n * oh * ow * depth + (amx.BLOCK + 1) * depth, np.uint16)
@@ -629,7 +631,7 @@ class Conv2DPlan:
                 self.blocks = -(-virtual // amx.block_pixels(self.wide))
             else:
                 self.starts = pixel_starts(self.output_shape, (n, hp, wp, cp), stride, 1)
-                if bf16.use_dot():
+                if self.rounds_input:
                     self.rounded = _memory.empty((n, hp, wp, cp), np.uint16)
                     self.rounded_shape = self.rounded.shape
             if self.amx:  # the tiles load the bias of whole panels
@@ -639,9 +641,7 @@ class Conv2DPlan:
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        # the bf16 input on AMX and vdpbf16ps; else the float32 input (padded, with an even channel count in bf16)
-        self.rounds_input = packed.precision == "bf16" and (self.amx or bf16.use_dot())
-        cp = cin + cin % 2 if packed.precision == "bf16" else cin
+        # a float32 input is padded here (the widened bf16 products also need an even channel count)
         self.padded = _memory.zeros((n, hp, wp, cp)) if (any(self.pads) or cp != cin) and not self.rounds_input else None
         self._splits = {}
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col

@@ -3,8 +3,8 @@
 Weights are packed once (``pack_conv2d``) into ``PANEL``-wide output-channel panels
 (64 on AVX-512, 16 on AVX2, 8 elsewhere: ``_numba``),
 ``panels[b, (i*KW + j)*Cin + c, :] = w[i, j, c, PANEL*b : PANEL*b + PANEL]``.  A task owns
-a group of panels and a run of output pixels; for every tile of ``TILE`` pixels it
-accumulates all kernel taps and input channels in ``TILE x PANEL`` accumulators kept
+a group of panels and a run of output pixels; panel by panel, for every tile of ``TILE``
+pixels it accumulates all kernel taps and input channels in ``TILE x PANEL`` accumulators kept
 in vector registers (``_fma_tile``, explicit vectors in LLVM IR, started at the bias),
 then adds the residual and applies ReLU while storing.  1x1 convolutions and dense layers
 are the same kernel with one tap.  A kernel packed with ``im2col=True`` gathers its
@@ -23,15 +23,14 @@ from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads,
-                     jit, l2_bytes, next_task, pjit, prefetch, stack_f32, stack_u64)
+                     jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
 PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 channels)
-L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one tile to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
-GROUP_BYTES = l2_bytes() // 4  # weight panels one task cycles through per tile: a quarter of L2
+GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
 # 14x14x256 1.5x at batch 1; 7x7x512 1.4-1.9x and 4x4x256 1.4x from batch 2 and 8 on.  It loses
 # on small calls (16x16x64 at batch 1: 0.5x; 7x7x512 at batch 1: 0.9x), where its 4x larger
@@ -46,7 +45,8 @@ WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per mac
 # task; the whole 64x64 pass 0.95-1.0x the time, same process.)
 SPLIT_MEASURE_FLOPS = 40e6
 SPLIT_CHUNKS, SPLIT_GROUPS, SPLIT_MARGIN = (1, 2, 3, 4, 6, 8, 12), (1, 2, 4, 8, 16), 0.05
-MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL}"  # what wisdom is recorded for
+# what wisdom is recorded for (the loop order is named: choices measured for an earlier order are measured again)
+MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major"
 
 
 class PackedConv2D:
@@ -179,8 +179,8 @@ def split_candidates(runs, ntiles, nblk, threads, rule):
 def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=TILE):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
-    A task computes a group of panels (whose weights stay in L2, ``GROUP_BYTES``) for a
-    run of about ``CHUNK`` tiles.  The threads take the tasks in turn (``next_task``), and
+    A task computes a group of panels (about ``GROUP_BYTES`` of weights), panel by panel,
+    for a run of about ``CHUNK`` tiles.  The threads take the tasks in turn (``next_task``), and
     the last ones to finish idle while the others end theirs, so the task count is grown
     until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
     thread.  Each cut along the pixels reads a
@@ -240,13 +240,16 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     row_stride, kernel_h, row : int, input elements between kernel rows, rows, steps per row (KW * Cin,
         or KW * Cin / 2 pairs)
     panel : float32 (kernel_h * row, PANEL), or uint16 (kernel_h * row, PANEL, 2) bf16 pairs; C-contiguous
-    fetch : bool, prefetch the panel ``PREFETCH_ROWS`` steps ahead (where it is not in L1)
+    fetch : (offset, period, phase) ints: at steps ``phase``, ``phase + period``, ... prefetch the weights
+        ``offset`` panel elements on from the step's own (offset 0: no prefetch)
     bias : float32 (Cout,), C-contiguous
     c0 : int, the panel's first output channel
     """
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and panel.layout == "C" and is_bias(bias)
             and (x.dtype, panel.dtype, panel.ndim) in ((types.float32, types.float32, 2),
                                                        (types.float32, types.uint16, 3), (types.uint16, types.uint16, 3))):
+        return None
+    if not (isinstance(fetch, types.BaseTuple) and len(fetch) == 3 and all(isinstance(f, types.Integer) for f in fetch)):
         return None
     pairs, dot = panel.dtype == types.uint16, x.dtype == types.uint16
     if dot and not BF16_DOT:
@@ -292,10 +295,15 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                     q = step.index
                     w_at = builder.gep(w_row, [builder.mul(q, i64(step_elements))])
                     if with_fetch:
-                        for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
-                            ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements + line)]),
-                                                    i8.as_pointer())
-                            builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
+                        left = builder.load(countdown)
+                        due = builder.icmp_signed("==", left, i64(0))
+                        builder.store(builder.select(due, builder.sub(fetch_period, i64(1)), builder.sub(left, i64(1))),
+                                      countdown)
+                        with builder.if_then(due):
+                            for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
+                                ahead = builder.bitcast(builder.gep(w_at, [builder.add(fetch_offset, i64(line))]),
+                                                        i8.as_pointer())
+                                builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
                     if not pairs or dot:  # (the widened rows are loaded one at a time, below)
                         ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
                                                            (vi if pairs else vf).as_pointer()), align=4)
@@ -327,7 +335,10 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                                 for j in range(nvec):
                                     accumulate(t * nvec + j, builder.fmul(xt, row_e[j], flags=("contract",)))
 
-        with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
+        fetch_offset, fetch_period, fetch_phase = (
+            context.cast(builder, builder.extract_value(args[7], k), signature.args[7][k], types.int64) for k in range(3))
+        countdown = cgutils.alloca_once_value(builder, fetch_phase)  # steps to the next prefetch
+        with builder.if_else(builder.icmp_signed("!=", fetch_offset, i64(0))) as (then, otherwise):
             with then:
                 loops(True)
             with otherwise:
@@ -368,7 +379,6 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     sets, nblk, depth = panels.shape[0], panels.shape[1], panels.shape[2]
     row = kernel_w * cin // (2 if panels.ndim == 5 else 1)  # steps per kernel row: inputs, or pairs of them
     kernel_h = depth // row
-    line = LINE_BYTES // inp.itemsize  # input elements per cache line
     image_pixels = oh * ow
     has_residual = residual.size > 0
     x = inp.reshape(-1)
@@ -378,11 +388,16 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     runs = starts.shape[0]
     run_pixels = n * image_pixels // runs
     ntiles = starts.shape[1] // TILE
-    # A task computes `group` panels for a run of tiles, tile by tile, so each output
-    # row is written whole (striped writes are 4x slower); the group's weights stay in L2.
+    # A task computes `group` panels for a run of tiles, panel by panel, each through all the tiles.
+    # The first tile's pass reads the panel (from memory, or from L2 where the previous panel's later
+    # passes brought it); each later pass prefetches a share of the task's next panel while it computes,
+    # so the weight stream from memory overlaps the arithmetic (ResNet50 at 64x64, whose weights are
+    # read from memory, ran 0.95-0.97x the time of the tile-by-tile order that read each panel while
+    # computing its first tile only; 224x224 0.94x at batch 1, 0.96-1.02x at batch 8; Zen 3, same process).
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
     taken = np.zeros(1, np.int64)  # tasks handed out so far
+    ahead = PREFETCH_ROWS * panels[0, 0].size // depth  # PREFETCH_ROWS steps, in panel elements
     # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
     # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
     # iteration of each thread takes tasks until none are left; its others find none.
@@ -398,27 +413,24 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
             first = task % ngroups * group
             wset = run % sets
             begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
-            for tile in range(begin, last):
-                local0 = tile * TILE
-                if tile + 1 < last:  # the next tile's receptive fields, from memory while this one computes
-                    for t in range(TILE):
-                        for i in range(kernel_h):
-                            at = starts[run, local0 + TILE + t] + i * wp * cin
-                            for q in range(0, kernel_w * cin, line):
-                                prefetch(x, at + q)
-                for t in range(TILE):  # unsigned offsets: no negative-index test per load
-                    xb[t] = np.uint64(starts[run, local0 + t])
-                for b in range(nblk):
-                    # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
-                    # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
-                    if b < first or b >= first + group:
-                        continue
-                    c0 = b * PANEL
-                    panel = panels[wset, b]
-                    # prefetch a few rows ahead where the panel is not in L1: the task's first tile reads it
-                    # from memory, and later tiles re-read a large one from L2 (7x7x512 3x3 12% faster, ResNet50
-                    # at 224x224 about 3%: the hardware prefetchers alone left the L2 re-reads waiting)
-                    fetch = tile == begin or depth > L1_PANEL_ROWS
+            for b in range(nblk):
+                # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
+                # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
+                if b < first or b >= first + group:
+                    continue
+                c0 = b * PANEL
+                panel = panels[wset, b]
+                more = b + 1 < min(first + group, nblk)  # the task's next panel follows this one in memory
+                for tile in range(begin, last):
+                    local0 = tile * TILE
+                    for t in range(TILE):  # unsigned offsets: no negative-index test per load
+                        xb[t] = np.uint64(starts[run, local0 + t])
+                    if tile == begin:  # this panel, PREFETCH_ROWS steps ahead
+                        fetch = (ahead, 1, 0)
+                    elif more:  # the next panel: pass j takes steps j - 1, j - 1 + (passes - 1), ...
+                        fetch = (panel.size, last - begin - 1, tile - begin - 1)
+                    else:
+                        fetch = (0, 1, 0)
                     _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
             task = next_task(taken)

@@ -28,6 +28,7 @@ from .winograd import input_transform_forward, output_transform_forward, pack_tr
 
 LINE_BYTES = 64
 PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 channels)
+L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one pass to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
@@ -240,16 +241,13 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     row_stride, kernel_h, row : int, input elements between kernel rows, rows, steps per row (KW * Cin,
         or KW * Cin / 2 pairs)
     panel : float32 (kernel_h * row, PANEL), or uint16 (kernel_h * row, PANEL, 2) bf16 pairs; C-contiguous
-    fetch : (offset, period, phase) ints: at steps ``phase``, ``phase + period``, ... prefetch the weights
-        ``offset`` panel elements on from the step's own (offset 0: no prefetch)
+    fetch : bool, prefetch the panel ``PREFETCH_ROWS`` steps ahead (where it is not in L1)
     bias : float32 (Cout,), C-contiguous
     c0 : int, the panel's first output channel
     """
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and panel.layout == "C" and is_bias(bias)
             and (x.dtype, panel.dtype, panel.ndim) in ((types.float32, types.float32, 2),
                                                        (types.float32, types.uint16, 3), (types.uint16, types.uint16, 3))):
-        return None
-    if not (isinstance(fetch, types.BaseTuple) and len(fetch) == 3 and all(isinstance(f, types.Integer) for f in fetch)):
         return None
     pairs, dot = panel.dtype == types.uint16, x.dtype == types.uint16
     if dot and not BF16_DOT:
@@ -295,15 +293,10 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                     q = step.index
                     w_at = builder.gep(w_row, [builder.mul(q, i64(step_elements))])
                     if with_fetch:
-                        left = builder.load(countdown)
-                        due = builder.icmp_signed("==", left, i64(0))
-                        builder.store(builder.select(due, builder.sub(fetch_period, i64(1)), builder.sub(left, i64(1))),
-                                      countdown)
-                        with builder.if_then(due):
-                            for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
-                                ahead = builder.bitcast(builder.gep(w_at, [builder.add(fetch_offset, i64(line))]),
-                                                        i8.as_pointer())
-                                builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
+                        for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
+                            ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements + line)]),
+                                                    i8.as_pointer())
+                            builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
                     if not pairs or dot:  # (the widened rows are loaded one at a time, below)
                         ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
                                                            (vi if pairs else vf).as_pointer()), align=4)
@@ -335,10 +328,7 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
                                 for j in range(nvec):
                                     accumulate(t * nvec + j, builder.fmul(xt, row_e[j], flags=("contract",)))
 
-        fetch_offset, fetch_period, fetch_phase = (
-            context.cast(builder, builder.extract_value(args[7], k), signature.args[7][k], types.int64) for k in range(3))
-        countdown = cgutils.alloca_once_value(builder, fetch_phase)  # steps to the next prefetch
-        with builder.if_else(builder.icmp_signed("!=", fetch_offset, i64(0))) as (then, otherwise):
+        with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
             with then:
                 loops(True)
             with otherwise:
@@ -388,16 +378,16 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     runs = starts.shape[0]
     run_pixels = n * image_pixels // runs
     ntiles = starts.shape[1] // TILE
-    # A task computes `group` panels for a run of tiles, panel by panel, each through all the tiles.
-    # The first tile's pass reads the panel (from memory, or from L2 where the previous panel's later
-    # passes brought it); each later pass prefetches a share of the task's next panel while it computes,
-    # so the weight stream from memory overlaps the arithmetic (ResNet50 at 64x64, whose weights are
-    # read from memory, ran 0.95-0.97x the time of the tile-by-tile order that read each panel while
-    # computing its first tile only; 224x224 0.94x at batch 1, 0.96-1.02x at batch 8; Zen 3, same process).
+    # A task computes `group` panels for a run of tiles, panel by panel, each through all the tiles:
+    # a panel is read from memory once, by its first tile's pass, and stays in L2 (or L1) for the others.
+    # Against the earlier kernel (tile by tile through the whole group, prefetching the next tile's
+    # inputs) ResNet50 took 0.95-0.97x the time at 64x64, 0.94x at 224x224 batch 1 and 0.96-1.02x at
+    # batch 8; against tile by tile without that input prefetch, 0.99x at 64x64 and 224x224 batch 1,
+    # 0.97x at batch 8 (Zen 3, same process).  Prefetching the task's next panel during a panel's later
+    # passes, so that the weight stream would overlap the arithmetic, gained nothing (0.99-1.01x).
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
     taken = np.zeros(1, np.int64)  # tasks handed out so far
-    ahead = PREFETCH_ROWS * panels[0, 0].size // depth  # PREFETCH_ROWS steps, in panel elements
     # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
     # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
     # iteration of each thread takes tasks until none are left; its others find none.
@@ -420,17 +410,15 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     continue
                 c0 = b * PANEL
                 panel = panels[wset, b]
-                more = b + 1 < min(first + group, nblk)  # the task's next panel follows this one in memory
                 for tile in range(begin, last):
                     local0 = tile * TILE
                     for t in range(TILE):  # unsigned offsets: no negative-index test per load
                         xb[t] = np.uint64(starts[run, local0 + t])
-                    if tile == begin:  # this panel, PREFETCH_ROWS steps ahead
-                        fetch = (ahead, 1, 0)
-                    elif more:  # the next panel: pass j takes steps j - 1, j - 1 + (passes - 1), ...
-                        fetch = (panel.size, last - begin - 1, tile - begin - 1)
-                    else:
-                        fetch = (0, 1, 0)
+                    # prefetch a few rows ahead where the panel is not in L1: the first tile's pass reads it
+                    # from memory, and later passes re-read a large one from L2 (the hardware prefetchers
+                    # alone left the L2 re-reads waiting: 7x7x512 3x3 12% faster in the tile-by-tile order;
+                    # ResNet50 1-2% faster in this one)
+                    fetch = tile == begin or depth > L1_PANEL_ROWS
                     _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
             task = next_task(taken)

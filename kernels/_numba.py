@@ -262,9 +262,9 @@ be negative.
 def _line_intrinsic(name, extra_args, doc):
     """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.
 
-    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (both
-    users are cache hints that never fault).  ``extra_args`` follow the address, as i32 constants; with
-    ``name`` None the call compiles to nothing.
+    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (its
+    one user, ``evict_line``, is a cache operation that never faults).  ``extra_args`` follow the
+    address, as i32 constants; with ``name`` None the call compiles to nothing.
     """
 
     def line_op(typingctx, array, index):
@@ -287,10 +287,6 @@ def _line_intrinsic(name, extra_args, doc):
     return intrinsic(line_op)
 
 
-prefetch = _line_intrinsic("llvm.prefetch.p0", (0, 3, 1), """Bring ``array.reshape(-1)[index]``'s cache line into L1.
-
-A hint that never faults (read, keep in every level, data: ``prefetcht0``).
-""")
 evict_line = _line_intrinsic("llvm.x86.sse2.clflush" if X86 else None, (), """Write back and drop
 ``array.reshape(-1)[index]``'s cache line from every cache level (x86 ``clflush``; elsewhere nothing).
 

@@ -102,6 +102,13 @@ def compile_all():
         plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=winograd)
         out = np.empty(plan.output_shape, np.float32)
         plan(out, x, np.zeros(16, np.float32), np.ones_like(out), True)
+    # tasks of a few tiles (a 4x4 output, four panels): the streamed direct kernel
+    x = np.ones((1, 4, 4, 16), np.float32)
+    for precision in ("fp32", "bf16"):
+        plan = K.Conv2DPlan(K.pack_conv2d(np.ones((3, 3, 16, 64), np.float32), precision=precision), x.shape, 1, (1,) * 4)
+        plan.measure_split = False  # the rule's split, 3 tiles a task (no timing, nothing recorded)
+        out = np.empty(plan.output_shape, np.float32)
+        plan(out, x, np.zeros(64, np.float32), np.ones_like(out), True)
     # bf16's other paths: (on AMX) the tiles, a strided 1x1's subsampling and a fed output; the vector kernel
     x = np.ones((1, 12, 12, 32), np.float32)
     first = K.Conv2DPlan(K.pack_conv2d(np.ones((1, 1, 32, 32), np.float32), precision="bf16"), x.shape, 1, (0,) * 4)

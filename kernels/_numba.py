@@ -259,6 +259,18 @@ be negative.
 """
 
 
+
+@intrinsic
+def advance(typingctx, pointer, count):
+    """``pointer + count`` elements: a pointer into a part of a ``stack_f32`` buffer."""
+    if not (isinstance(pointer, types.CPointer) and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.gep(args[0], [context.cast(builder, args[1], signature.args[1], types.int64)])
+
+    return pointer(pointer, count), codegen
+
 def _line_intrinsic(name, extra_args, doc):
     """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.
 

@@ -6,7 +6,9 @@ Weights are packed once (``pack_conv2d``) into ``PANEL``-wide output-channel pan
 a group of panels and a run of output pixels; panel by panel, for every tile of ``TILE``
 pixels it accumulates all kernel taps and input channels in ``TILE x PANEL`` accumulators kept
 in vector registers (``_fma_tile``, explicit vectors in LLVM IR, started at the bias),
-then adds the residual and applies ReLU while storing.  1x1 convolutions and dense layers
+then adds the residual and applies ReLU while storing.  A task of 2 to 4 tiles (a layer of few pixels,
+whose weights stream from memory) goes through its panels in L1-sized chunks instead, fetching the
+next chunk while it computes this one (``conv2d_stream_forward``).  1x1 convolutions and dense layers
 are the same kernel with one tap.  A kernel packed with ``im2col=True`` gathers its
 receptive fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
 """
@@ -22,8 +24,8 @@ from . import _checks, _memory, amx, bf16, wisdom
 from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
-from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, cpu_model, evict_line, get_num_threads,
-                     jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
+                     get_num_threads, jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -31,6 +33,10 @@ PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 c
 L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one pass to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
+# ``conv2d_stream_forward`` runs tasks of 2 to STREAM_TILES tiles, in chunks of STREAM_ROWS weight rows (8 KiB on AVX2)
+STREAM_TILES = 4
+STREAM_ACC = STREAM_TILES * ACC
+STREAM_ROWS = max(64, 8192 // (4 * PANEL))
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
 # 14x14x256 1.5x at batch 1; 7x7x512 1.4-1.9x and 4x4x256 1.4x from batch 2 and 8 on.  It loses
@@ -47,7 +53,7 @@ WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per mac
 SPLIT_MEASURE_FLOPS = 40e6
 SPLIT_CHUNKS, SPLIT_GROUPS, SPLIT_MARGIN = (1, 2, 3, 4, 6, 8, 12), (1, 2, 4, 8, 16), 0.05
 # what wisdom is recorded for (the loop order is named: choices measured for an earlier order are measured again)
-MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major"
+MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major streamed"
 
 
 class PackedConv2D:
@@ -245,6 +251,42 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     bias : float32 (Cout,), C-contiguous
     c0 : int, the panel's first output channel
     """
+    if _tile_kinds(x, panel, bias) is None:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _emit_tile(context, builder, signature, args, chunk=False)
+
+    return types.void(acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0), codegen
+
+
+@intrinsic
+def _fma_chunk(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0, first_row, resume,
+               ahead, ahead_at, ahead_step):
+    """``_fma_tile`` over panel rows from ``first_row`` on, resuming from ``acc`` or starting at the bias,
+    and prefetching another part of the weights as it goes (``conv2d_stream_forward``).
+
+    The first ten arguments are ``_fma_tile``'s (``panel`` row ``first_row + i * row + q`` is step
+    ``q`` of kernel row ``i``), then:
+
+    first_row : int, the panel row of the first step
+    resume : bool, start from the sums in ``acc`` (a previous chunk's) rather than the bias
+    ahead : float32 or uint16 (flat), C-contiguous: where the prefetches point (the packed weights)
+    ahead_at, ahead_step : int, step ``s`` prefetches ``ahead[ahead_at + s * ahead_step]`` (and, where a step's
+        weights span several cache lines, as many lines from there), when ``fetch``
+    """
+    if _tile_kinds(x, panel, bias) is None or not (isinstance(ahead, types.Array) and ahead.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _emit_tile(context, builder, signature, args, chunk=True)
+
+    return (types.void(acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0, first_row, resume, ahead,
+                       ahead_at, ahead_step), codegen)
+
+
+def _tile_kinds(x, panel, bias):
+    """(bf16 panels, bf16 inputs) for ``_fma_tile``'s argument types, or None where it does not apply."""
     if not (isinstance(x, types.Array) and isinstance(panel, types.Array) and panel.layout == "C" and is_bias(bias)
             and (x.dtype, panel.dtype, panel.ndim) in ((types.float32, types.float32, 2),
                                                        (types.float32, types.uint16, 3), (types.uint16, types.uint16, 3))):
@@ -253,91 +295,105 @@ def _fma_tile(typingctx, acc, x, xb, row_stride, kernel_h, row, panel, fetch, bi
     if dot and not BF16_DOT:
         raise errors.TypingError("conv2d_forward: bf16 (uint16) inputs need vdpbf16ps (AVX512-BF16), which this "
                                  f"target ({CPU_NAME}) lacks; give the bf16 weights float32 inputs")
-    counts = (row_stride, kernel_h, row)
+    return pairs, dot
 
-    def codegen(context, builder, signature, args):
-        acc_ptr, x_arr, xb_ptr = args[:3]
-        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-        vf, vi = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(i32, VECTOR_FLOATS)
-        stride, rows, steps = (context.cast(builder, v, t, types.uint64) for v, t in zip(args[3:6], counts))
-        x_data = context.make_array(signature.args[1])(context, builder, x_arr).data
-        w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
-        nvec = PANEL // VECTOR_FLOATS
-        step_elements = 2 * PANEL if pairs else PANEL  # weight elements per step, 4 * PANEL bytes either way
-        # one stack slot per accumulator vector: LLVM keeps them in registers through the loops
-        slots, acc_vec = start_accumulators(context, builder, signature, args, acc_ptr, (8, 9))
-        splat = ir.Constant(ir.VectorType(i32, VECTOR_FLOATS), [0] * VECTOR_FLOATS)
-        hint = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
-        if dot:
-            vbf = ir.VectorType(_BFloat(), 2 * VECTOR_FLOATS)
-            product = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vbf, vbf]),
-                                                     f"llvm.x86.avx512bf16.dpbf16ps.{32 * VECTOR_FLOATS}")
-        shift = ir.Constant(vi, [16] * VECTOR_FLOATS)
 
-        def broadcast(pointer, vector):
-            one = builder.insert_element(ir.Constant(vector, ir.Undefined), builder.load(pointer, align=4), i32(0))
-            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), splat)
+def _emit_tile(context, builder, signature, args, chunk):
+    """The code of ``_fma_tile`` (``chunk`` False) and ``_fma_chunk`` (True)."""
+    pairs, dot = _tile_kinds(signature.args[1], signature.args[6], signature.args[8])
+    acc_ptr, x_arr, xb_ptr = args[:3]
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    vf, vi = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(i32, VECTOR_FLOATS)
+    stride, rows, steps = (context.cast(builder, v, t, types.uint64) for v, t in zip(args[3:6], signature.args[3:6]))
+    x_data = context.make_array(signature.args[1])(context, builder, x_arr).data
+    w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
+    nvec = PANEL // VECTOR_FLOATS
+    step_elements = 2 * PANEL if pairs else PANEL  # weight elements per step, 4 * PANEL bytes either way
+    # one stack slot per accumulator vector: LLVM keeps them in registers through the loops
+    slots, acc_vec = start_accumulators(context, builder, signature, args, acc_ptr, (8, 9))
+    if chunk:
+        first_row = context.cast(builder, args[10], signature.args[10], types.int64)
+        w_data = builder.gep(w_data, [builder.mul(first_row, i64(step_elements))])
+        with builder.if_then(context.cast(builder, args[11], signature.args[11], types.boolean)):
+            for k, slot in enumerate(slots):
+                builder.store(builder.load(builder.gep(acc_vec, [i64(k)]), align=4), slot)
+        ahead_data = context.make_array(signature.args[12])(context, builder, args[12]).data
+        ahead_data = builder.gep(ahead_data, [context.cast(builder, args[13], signature.args[13], types.int64)])
+        ahead_step = context.cast(builder, args[14], signature.args[14], types.int64)
+    splat = ir.Constant(ir.VectorType(i32, VECTOR_FLOATS), [0] * VECTOR_FLOATS)
+    hint = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0")
+    if dot:
+        vbf = ir.VectorType(_BFloat(), 2 * VECTOR_FLOATS)
+        product = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vbf, vbf]),
+                                                 f"llvm.x86.avx512bf16.dpbf16ps.{32 * VECTOR_FLOATS}")
+    shift = ir.Constant(vi, [16] * VECTOR_FLOATS)
 
-        def accumulate(k, term):
-            builder.store(builder.fadd(builder.load(slots[k]), term, flags=("contract",)), slots[k])
+    def broadcast(pointer, vector):
+        one = builder.insert_element(ir.Constant(vector, ir.Undefined), builder.load(pointer, align=4), i32(0))
+        return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), splat)
 
-        def loops(with_fetch):
-            with cgutils.for_range(builder, rows) as kernel_row:
-                # a kernel row's taps and channels are one contiguous run of each pixel's input row
-                x_row = builder.mul(kernel_row.index, stride)
-                bases = [builder.gep(x_data, [builder.add(builder.load(builder.gep(xb_ptr, [i64(t)])), x_row)])
-                         for t in range(TILE)]
-                w_row = builder.gep(w_data, [builder.mul(builder.mul(kernel_row.index, steps), i64(step_elements))])
-                with cgutils.for_range(builder, steps) as step:
-                    q = step.index
-                    w_at = builder.gep(w_row, [builder.mul(q, i64(step_elements))])
-                    if with_fetch:
-                        for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
-                            ahead = builder.bitcast(builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements + line)]),
-                                                    i8.as_pointer())
-                            builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
-                    if not pairs or dot:  # (the widened rows are loaded one at a time, below)
-                        ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
-                                                           (vi if pairs else vf).as_pointer()), align=4)
-                              for j in range(nvec)]
-                    if not pairs:
+    def accumulate(k, term):
+        builder.store(builder.fadd(builder.load(slots[k]), term, flags=("contract",)), slots[k])
+
+    def loops(with_fetch):
+        with cgutils.for_range(builder, rows) as kernel_row:
+            # a kernel row's taps and channels are one contiguous run of each pixel's input row
+            x_row = builder.mul(kernel_row.index, stride)
+            bases = [builder.gep(x_data, [builder.add(builder.load(builder.gep(xb_ptr, [i64(t)])), x_row)])
+                     for t in range(TILE)]
+            w_row = builder.gep(w_data, [builder.mul(builder.mul(kernel_row.index, steps), i64(step_elements))])
+            with cgutils.for_range(builder, steps) as step:
+                q = step.index
+                w_at = builder.gep(w_row, [builder.mul(q, i64(step_elements))])
+                if with_fetch:
+                    if chunk:  # the part of the weights this call fetches for a later one
+                        at = builder.add(builder.mul(kernel_row.index, steps), q)
+                        fetch_at = builder.gep(ahead_data, [builder.mul(at, ahead_step)])
+                    else:  # this panel, PREFETCH_ROWS steps on
+                        fetch_at = builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements)])
+                    for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
+                        ahead = builder.bitcast(builder.gep(fetch_at, [i64(line)]), i8.as_pointer())
+                        builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
+                if not pairs or dot:  # (the widened rows are loaded one at a time, below)
+                    ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
+                                                       (vi if pairs else vf).as_pointer()), align=4)
+                          for j in range(nvec)]
+                if not pairs:
+                    for t in range(TILE):
+                        xt = broadcast(builder.gep(bases[t], [q]), vf)
+                        for j, w in enumerate(ws):
+                            accumulate(t * nvec + j, builder.fmul(xt, w, flags=("contract",)))
+                elif dot:  # pixel t's pair of bf16 inputs, one 32-bit lane, to every lane
+                    for t in range(TILE):
+                        pair = builder.bitcast(builder.gep(bases[t], [builder.shl(q, i64(1))]), i32.as_pointer())
+                        xt = builder.bitcast(broadcast(pair, vi), vbf)
+                        for j, w in enumerate(ws):
+                            k = t * nvec + j
+                            builder.store(builder.call(product, [builder.load(slots[k]), xt, builder.bitcast(w, vbf)]),
+                                          slots[k])
+                else:  # the pair's rows widened to float32 one after the other, each times its own input
+                    w_bytes = builder.bitcast(w_at, i8.as_pointer())
+                    for e in range(2):
+                        # row e of the pair: the lanes loaded 2e bytes on, shifted up (for the odd row the
+                        # lane's upper half is the next lane's even value: shifted out).  Loaded again, not
+                        # masked, so that the even row's vectors need not stay live (on AVX-512 they spilled)
+                        row_e = [builder.bitcast(builder.shl(builder.load(builder.bitcast(
+                            builder.gep(w_bytes, [i64(4 * VECTOR_FLOATS * j + 2 * e)]), vi.as_pointer()), align=2),
+                            shift), vf) for j in range(nvec)]
                         for t in range(TILE):
-                            xt = broadcast(builder.gep(bases[t], [q]), vf)
-                            for j, w in enumerate(ws):
-                                accumulate(t * nvec + j, builder.fmul(xt, w, flags=("contract",)))
-                    elif dot:  # pixel t's pair of bf16 inputs, one 32-bit lane, to every lane
-                        for t in range(TILE):
-                            pair = builder.bitcast(builder.gep(bases[t], [builder.shl(q, i64(1))]), i32.as_pointer())
-                            xt = builder.bitcast(broadcast(pair, vi), vbf)
-                            for j, w in enumerate(ws):
-                                k = t * nvec + j
-                                builder.store(builder.call(product, [builder.load(slots[k]), xt, builder.bitcast(w, vbf)]),
-                                              slots[k])
-                    else:  # the pair's rows widened to float32 one after the other, each times its own input
-                        w_bytes = builder.bitcast(w_at, i8.as_pointer())
-                        for e in range(2):
-                            # row e of the pair: the lanes loaded 2e bytes on, shifted up (for the odd row the
-                            # lane's upper half is the next lane's even value: shifted out).  Loaded again, not
-                            # masked, so that the even row's vectors need not stay live (on AVX-512 they spilled)
-                            row_e = [builder.bitcast(builder.shl(builder.load(builder.bitcast(
-                                builder.gep(w_bytes, [i64(4 * VECTOR_FLOATS * j + 2 * e)]), vi.as_pointer()), align=2),
-                                shift), vf) for j in range(nvec)]
-                            for t in range(TILE):
-                                xt = broadcast(builder.gep(bases[t], [builder.add(builder.shl(q, i64(1)), i64(e))]), vf)
-                                for j in range(nvec):
-                                    accumulate(t * nvec + j, builder.fmul(xt, row_e[j], flags=("contract",)))
+                            xt = broadcast(builder.gep(bases[t], [builder.add(builder.shl(q, i64(1)), i64(e))]), vf)
+                            for j in range(nvec):
+                                accumulate(t * nvec + j, builder.fmul(xt, row_e[j], flags=("contract",)))
 
-        with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
-            with then:
-                loops(True)
-            with otherwise:
-                loops(False)
-        for k, slot in enumerate(slots):
-            builder.store(builder.load(slot), builder.gep(acc_vec, [i64(k)]), align=4)
-        return context.get_dummy_value()
-
-    return types.void(acc, x, xb, row_stride, kernel_h, row, panel, fetch, bias, c0), codegen
+    with builder.if_else(context.cast(builder, args[7], signature.args[7], types.boolean)) as (then, otherwise):
+        with then:
+            loops(True)
+        with otherwise:
+            loops(False)
+    for k, slot in enumerate(slots):
+        builder.store(builder.load(slot), builder.gep(acc_vec, [i64(k)]), align=4)
+    return context.get_dummy_value()
 
 
 @pjit
@@ -384,7 +440,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # inputs) ResNet50 took 0.95-0.97x the time at 64x64, 0.94x at 224x224 batch 1 and 0.96-1.02x at
     # batch 8; against tile by tile without that input prefetch, 0.99x at 64x64 and 224x224 batch 1,
     # 0.97x at batch 8 (Zen 3, same process).  Prefetching the task's next panel during a panel's later
-    # passes, so that the weight stream would overlap the arithmetic, gained nothing (0.99-1.01x).
+    # passes, so that the weight stream would overlap the arithmetic, gained nothing (0.99-1.01x): the
+    # overlap needs the passes to run from L1, as ``conv2d_stream_forward``'s chunks do.
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
     taken = np.zeros(1, np.int64)  # tasks handed out so far
@@ -422,6 +479,91 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
             task = next_task(taken)
+
+
+@pjit
+def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
+    """``conv2d_forward`` for tasks of a few tiles, overlapping the weights' stream from memory with the arithmetic.
+
+    Same arguments and result as ``conv2d_forward``.  There, a task of a few tiles reads each panel
+    from memory in its first tile's pass (waiting on memory) and then computes the other tiles from
+    cache (the memory idle): at 64x64, stage 4 (4x4 pixels: 3 tiles) took the sum of its weight
+    streaming time and its arithmetic time.  Here a task goes through its panels in chunks of
+    ``STREAM_ROWS`` rows (8 KiB, which stays in L1): every tile's pass over a chunk adds to that tile's
+    saved sums (``_fma_chunk``), and each pass prefetches its share of the next chunk, so the next
+    chunk arrives while this one is computed.  Tiles past ``STREAM_TILES`` in a task are taken
+    ``STREAM_TILES`` at a time.  The sums are added in the same order as ``conv2d_forward``'s: the
+    results are the same to the bit.
+    """
+    n, oh, ow, cout = out.shape
+    wp, cin = inp.shape[2], inp.shape[3]
+    sets, nblk, depth = panels.shape[0], panels.shape[1], panels.shape[2]
+    pair = 2 if panels.ndim == 5 else 1  # inputs per step
+    row = kernel_w * cin // pair
+    kernel_h = depth // row
+    step_elements = PANEL * pair  # weight elements per step
+    image_pixels = oh * ow
+    has_residual = residual.size > 0
+    x = inp.reshape(-1)
+    y = out.reshape(n * image_pixels, cout)
+    res = residual.reshape(-1, cout)
+    weights = panels.reshape(-1)
+    runs = starts.shape[0]
+    run_pixels = n * image_pixels // runs
+    ntiles = starts.shape[1] // TILE
+    row_chunks = (row + STREAM_ROWS - 1) // STREAM_ROWS  # chunks per kernel row: a chunk never spans two
+    panel_chunks = kernel_h * row_chunks
+    ngroups = (nblk + group - 1) // group
+    ntasks = runs * nchunks * ngroups
+    taken = np.zeros(1, np.int64)
+    for _ in prange(ntasks):
+        saved = stack_f32(STREAM_ACC)  # each tile's sums between chunks
+        xb_ptr = stack_u64(TILE)
+        xb = carray(xb_ptr, (TILE,))
+        task = next_task(taken)
+        while task < ntasks:
+            chunk = task // (runs * ngroups)
+            run = task // ngroups % runs
+            first = task % ngroups * group
+            wset = run % sets
+            begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+            total = min(group, nblk - first) * panel_chunks
+            for sub in range(begin, last, STREAM_TILES):
+                count = min(STREAM_TILES, last - sub)
+                for c in range(total):
+                    b, part = first + c // panel_chunks, c % panel_chunks
+                    i, q0 = part // row_chunks, part % row_chunks * STREAM_ROWS
+                    steps = min(STREAM_ROWS, row - q0)
+                    # the next chunk, cut in ``count`` shares, one fetched by each tile's pass over this one
+                    fetch = c + 1 < total
+                    ahead_at, share = 0, 0
+                    if fetch:
+                        next_part = (c + 1) % panel_chunks
+                        next_q0 = next_part % row_chunks * STREAM_ROWS
+                        next_row = next_part // row_chunks * row + next_q0
+                        ahead_at = ((wset * nblk + first + (c + 1) // panel_chunks) * depth + next_row) * step_elements
+                        ahead = min(STREAM_ROWS, row - next_q0) * step_elements
+                        share = (ahead + count * steps - 1) // (count * steps)  # elements fetched per step
+                    c0 = b * PANEL
+                    panel = panels[wset, b]
+                    for j in range(count):
+                        local0 = (sub + j) * TILE
+                        for t in range(TILE):
+                            xb[t] = np.uint64(starts[run, local0 + t] + i * wp * cin + q0 * pair)
+                        acc_ptr = advance(saved, j * ACC)
+                        _fma_chunk(acc_ptr, x, xb_ptr, 0, 1, steps, panel, fetch, bias, c0, i * row + q0, part > 0,
+                                   weights, ahead_at + j * share * steps, share)
+                        if part == panel_chunks - 1:
+                            store_tile(y, res, carray(acc_ptr, (TILE, PANEL)), acc_ptr, run * run_pixels + local0, c0,
+                                       (run + 1) * run_pixels, has_residual, relu)
+            task = next_task(taken)
+
+
+def direct_kernel(ntiles, nchunks):
+    """The direct kernel for a split of ``ntiles`` tiles per run into ``nchunks`` runs: ``conv2d_stream_forward``
+    for tasks of 2 to ``STREAM_TILES`` tiles, else ``conv2d_forward`` (a one-tile task streams its weights
+    through one pass, and a task of many tiles is bound by the arithmetic)."""
+    return conv2d_stream_forward if 2 <= -(-ntiles // nchunks) <= STREAM_TILES else conv2d_forward
 
 
 def winograd_starts(tiles, cin):
@@ -772,7 +914,8 @@ class Conv2DPlan:
         small = 2 * out.size * math.prod(self.packed.kernel_size) * self.packed.in_channels <= SPLIT_MEASURE_FLOPS
         if small and self.measure_split and not self.packed.im2col:
             split = self._measured_split(x.shape, kw, split)
-        calls.append((conv2d_forward, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
+        kernel = direct_kernel(self._tiles(self.starts)[1], split[0])
+        calls.append((kernel, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
         return calls
 
     def _measured_split(self, in_shape, kernel_w, rule):
@@ -798,8 +941,8 @@ class Conv2DPlan:
         out = _memory.empty(self.output_shape)
         bias = np.zeros(self.packed.out_channels, np.float32)
         panels = self.packed.panels
-        runs_of = {name: (lambda split=split: conv2d_forward(out, x, panels, self.starts, bias, NO_RESIDUAL,
-                                                              kernel_w, True, *split))
+        runs_of = {name: (lambda split=split: direct_kernel(ntiles, split[0])(out, x, panels, self.starts, bias,
+                                                                              NO_RESIDUAL, kernel_w, True, *split))
                    for name, split in candidates.items()}
         winner = wisdom.choose(machine, key, runs_of, f"{rule[0]},{rule[1]}",
                                before=lambda name: evict_forward(panels), margin=SPLIT_MARGIN)

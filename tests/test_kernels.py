@@ -47,6 +47,59 @@ def test_conv2d_fused_residual_relu(case, rng):
     assert_close(out, expected)
 
 
+
+STREAM_CASES = [
+    # (h, w, cin, cout, kernel, stride, nchunks, group): tasks of 1 to 9 tiles, kernel rows of
+    # 24 to 3 * 300 steps (one chunk, several, a part chunk), part panels, several panels a task
+    (4, 4, 256, 256, 3, 1, 1, 1),
+    (4, 4, 64, 40, 1, 1, 1, 2),
+    (3, 5, 24, 33, 3, 1, 2, 1),
+    (8, 8, 300, 20, 3, 2, 1, 1),
+    (7, 7, 40, 35, 1, 1, 1, 1),
+    (7, 7, 40, 35, 1, 1, 3, 2),
+    (2, 2, 700, 16, 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_streamed_kernel_matches_naive_and_the_panel_kernel_to_the_bit(case, precision, rng):
+    """``conv2d_stream_forward`` adds the products chunk by chunk in the panel kernel's order."""
+    h, w, cin, cout, k, stride, nchunks, group = case
+    x = rng.standard_normal((1, h, w, cin), dtype=np.float32)
+    kernel = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
+    bias = rng.standard_normal(cout, dtype=np.float32)
+    packed = K.pack_conv2d(kernel, precision=precision)
+    p = k // 2
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    shape = naive.conv2d(padded, kernel, stride=stride).shape
+    residual = rng.standard_normal(shape, dtype=np.float32)
+    reference = naive.conv2d_bf16 if precision == "bf16" else naive.conv2d
+    extra = {"round_input": False} if precision == "bf16" else {}
+    want = reference(padded, kernel, bias, stride, relu=True, residual=residual, **extra)
+    starts = K.conv.pixel_starts(want.shape, padded.shape, stride, 1)
+    outs = []
+    for kernel_fn in (K.conv.conv2d_stream_forward, K.conv.conv2d_forward):
+        out = np.full(want.shape, np.nan, np.float32)
+        kernel_fn(out, padded, packed.panels, starts, bias, residual, k, True, nchunks, group)
+        outs.append(out)
+    assert_close(outs[0], want, rtol=1e-5 if precision == "fp32" else 2e-5)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_tasks_of_two_to_four_tiles_take_the_streamed_kernel():
+    conv = K.conv
+    assert conv.direct_kernel(3, 1) is conv.conv2d_stream_forward  # stage 4 at 64x64: 16 pixels, 3 tiles
+    assert conv.direct_kernel(9, 3) is conv.conv2d_stream_forward
+    assert conv.direct_kernel(1, 1) is conv.conv2d_forward  # one tile: its one pass streams anyway
+    assert conv.direct_kernel(9, 1) is conv.conv2d_forward  # bound by the arithmetic
+    plan = conv.Conv2DPlan(K.pack_conv2d(np.ones((3, 3, 256, 256), np.float32)), (1, 4, 4, 256), 1, (1, 1, 1, 1))
+    plan.measure_split = False
+    out, x = np.empty((1, 4, 4, 256), np.float32), np.ones((1, 4, 4, 256), np.float32)
+    (kernel, _), = [call for call in plan._calls(out, x, np.zeros(256, np.float32), K.NO_RESIDUAL, False)
+                    if call[0] in (conv.conv2d_forward, conv.conv2d_stream_forward)]
+    assert kernel is conv.conv2d_stream_forward
+
 def test_conv2d_non_contiguous_input(rng):
     base = rng.standard_normal((2, 19, 17, 24), dtype=np.float32)
     x = base[:, ::2, 1::2, ::2]  # strided in every axis

@@ -78,7 +78,7 @@ def test_target_gives_the_hosts_answers(outputs, target):
     if isinstance(outputs[target], str):
         pytest.skip(outputs[target])
     got, host = outputs[target], outputs["host"]
-    for name in ("1x1", "3x3s2", "stem", "dense"):
+    for name in ("1x1", "3x3s2", "stem", "dense", "streamed", "bf16_streamed"):
         assert_close(got[name], host[name].astype(np.float64), rtol=1e-5)
     assert_close(got["winograd"], host["winograd"].astype(np.float64), rtol=3e-5)
     for name in ("bf16_1x1", "bf16_3x3", "bf16_stem"):   # the same roundings, float32 sums in another order
@@ -95,6 +95,8 @@ def test_target_matches_naive(outputs, target):
                                         ("stem", 2, "valid", 1e-5), ("winograd", 1, "same", 3e-5)):
         x, w, b = got[name + "_x"], got[name + "_w"], got[name + "_b"]
         assert_close(got[name], naive.conv2d(x, w, b, stride, padding, relu=True), rtol=rtol)
+    x, w, b = got["streamed_x"], got["streamed_w"], got["streamed_b"]
+    assert_close(got["streamed"], naive.conv2d(x, w, b, relu=True))
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -112,6 +114,8 @@ def test_target_bf16_matches_naive_bf16(outputs, target):
         x, w, b, r, rounded = (got[name + suffix] for suffix in ("_x", "_w", "_b", "_r", "_rounded"))
         want = naive.conv2d_bf16(x, w, b, stride, padding, relu=True, residual=r, round_input=bool(rounded))
         assert_close(got[name], want, rtol=1e-5)
+    x, w, b = got["bf16_streamed_x"], got["bf16_streamed_w"], got["bf16_streamed_b"]  # (float32 inputs, always)
+    assert_close(got["bf16_streamed"], naive.conv2d_bf16(x, w, b, relu=True, round_input=False), rtol=1e-5)
 
 
 @pytest.mark.parametrize("cpu,isa", [("haswell", "avx2"), ("skylake-avx512", "avx512"), ("znver4", "avx512"),

@@ -105,7 +105,7 @@ def small_plan(rng):
 def split_of(plan, x, out, bias):
     """(nchunks, group) of the plan's direct kernel call."""
     (kernel, args), = plan._calls(out, x, bias, conv.NO_RESIDUAL, False)
-    assert kernel is conv.conv2d_forward
+    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[-2])  # the split's kernel
     return args[-2:]
 
 
@@ -137,7 +137,7 @@ def test_a_bf16_convolution_records_its_split_apart_from_float32(store, rng):
     if plan.amx:
         pytest.skip("this 1x1 runs on AMX tiles, which split their work by rule")
     kernel, args = calls[-1]
-    assert kernel is conv.conv2d_forward
+    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[-2])
     machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
     (key, choice), = [(k, v) for k, v in json.loads(store.read_text())[machine].items() if k.startswith("split")]
     kind = "inputs" if plan.rounds_input else "weights"

@@ -45,6 +45,15 @@ def main(path):
         results[name] = K.conv2d(x, packed, b, strides=stride, padding=padding, relu=True, residual=r)
         results[name + "_x"], results[name + "_w"], results[name + "_b"], results[name + "_r"] = x, w, b, r
         results[name + "_rounded"] = K.Conv2DPlan(packed, xs, stride, (ws[0] // 2,) * 4).rounds_input
+    for name, precision in (("streamed", "fp32"), ("bf16_streamed", "bf16")):  # 3 tiles a task: the chunked kernel
+        x = rng.standard_normal((1, 6, 6, 150), dtype=np.float32)  # padded: a 3x3 gives 4x4 pixels
+        w = rng.standard_normal((3, 3, 150, 40), dtype=np.float32)
+        b = rng.standard_normal(40, dtype=np.float32)
+        out = np.empty((1, 4, 4, 40), np.float32)
+        assert conv.direct_kernel(3, 1) is conv.conv2d_stream_forward
+        conv.conv2d_stream_forward(out, x, K.pack_conv2d(w, precision=precision).panels,
+                                   conv.pixel_starts(out.shape, x.shape, 1, 1), b, K.NO_RESIDUAL, 3, True, 1, 1)
+        results[name], results[name + "_x"], results[name + "_w"], results[name + "_b"] = out, x, w, b
     results["dense"] = K.dense(rng.standard_normal((3, 70), dtype=np.float32),
                                rng.standard_normal((70, 21), dtype=np.float32))
     np.savez(path, isa=_numba.ISA, tile=f"{conv.TILE}x{conv.PANEL}", cpu=_numba.CPU_NAME, bf16_dot=_numba.BF16_DOT,

@@ -550,7 +550,8 @@ class Plan:
         for i, step in enumerate(self.steps):
             if hasattr(step, "args"):
                 bound = step.conv.bind(*step.args)
-                bound.kernel, bound.conv, bound.args = step.kernel, step.conv, step.args
+                bound.kernel, bound.conv, bound.args = step.conv.kernel, step.conv, step.args
+                self.kernels[self.names[i]] = step.conv.kernel  # (the split may name the kernel: ", streamed")
                 self.steps[i] = bound
 
     def run(self, x, out=None):

@@ -791,6 +791,7 @@ class Conv2DPlan:
         if packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
                            if self.amx else bf16.description())
+        self._kernel = self.kernel  # ``bind`` adds ", streamed" where the split makes tasks for ``conv2d_stream_forward``
 
     def _split(self, panels, runs, ntiles):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""
@@ -915,6 +916,7 @@ class Conv2DPlan:
         if small and self.measure_split and not self.packed.im2col:
             split = self._measured_split(x.shape, kw, split)
         kernel = direct_kernel(self._tiles(self.starts)[1], split[0])
+        self.kernel = self._kernel + (", streamed" if kernel is conv2d_stream_forward else "")
         calls.append((kernel, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
         return calls
 

@@ -99,6 +99,7 @@ def test_tasks_of_two_to_four_tiles_take_the_streamed_kernel():
     (kernel, _), = [call for call in plan._calls(out, x, np.zeros(256, np.float32), K.NO_RESIDUAL, False)
                     if call[0] in (conv.conv2d_forward, conv.conv2d_stream_forward)]
     assert kernel is conv.conv2d_stream_forward
+    assert plan.kernel == f"direct {conv.TILE}x{PANEL} {conv.ISA}, streamed"  # as profile shows it
 
 def test_conv2d_non_contiguous_input(rng):
     base = rng.standard_normal((2, 19, 17, 24), dtype=np.float32)

@@ -64,7 +64,8 @@ STREAM_CASES = [
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_streamed_kernel_matches_naive_and_the_panel_kernel_to_the_bit(case, precision, rng):
-    """``conv2d_stream_forward`` adds the products chunk by chunk in the panel kernel's order."""
+    """``conv2d_stream_forward`` adds the products chunk by chunk in the panel kernel's order.  bf16 weights
+    take float32 inputs, and bf16 ones too where the CPU has vdpbf16ps (``BF16_DOT``)."""
     h, w, cin, cout, k, stride, nchunks, group = case
     x = rng.standard_normal((1, h, w, cin), dtype=np.float32)
     kernel = rng.standard_normal((k, k, cin, cout), dtype=np.float32)
@@ -74,17 +75,20 @@ def test_streamed_kernel_matches_naive_and_the_panel_kernel_to_the_bit(case, pre
     padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     shape = naive.conv2d(padded, kernel, stride=stride).shape
     residual = rng.standard_normal(shape, dtype=np.float32)
-    reference = naive.conv2d_bf16 if precision == "bf16" else naive.conv2d
-    extra = {"round_input": False} if precision == "bf16" else {}
-    want = reference(padded, kernel, bias, stride, relu=True, residual=residual, **extra)
-    starts = K.conv.pixel_starts(want.shape, padded.shape, stride, 1)
-    outs = []
-    for kernel_fn in (K.conv.conv2d_stream_forward, K.conv.conv2d_forward):
-        out = np.full(want.shape, np.nan, np.float32)
-        kernel_fn(out, padded, packed.panels, starts, bias, residual, k, True, nchunks, group)
-        outs.append(out)
-    assert_close(outs[0], want, rtol=1e-5 if precision == "fp32" else 2e-5)
-    assert np.array_equal(outs[0], outs[1])
+    starts = K.conv.pixel_starts(shape, padded.shape, stride, 1)
+    for rounded in (False, True) if precision == "bf16" and K.bf16.BF16_DOT else (False,):
+        if precision == "bf16":
+            want = naive.conv2d_bf16(padded, kernel, bias, stride, relu=True, residual=residual, round_input=rounded)
+        else:
+            want = naive.conv2d(padded, kernel, bias, stride, relu=True, residual=residual)
+        inputs = K.bf16.to_bf16(padded) if rounded else padded
+        outs = []
+        for kernel_fn in (K.conv.conv2d_stream_forward, K.conv.conv2d_forward):
+            out = np.full(shape, np.nan, np.float32)
+            kernel_fn(out, inputs, packed.panels, starts, bias, residual, k, True, nchunks, group)
+            outs.append(out)
+        assert_close(outs[0], want, rtol=1e-5 if precision == "fp32" else 2e-5)
+        assert np.array_equal(outs[0], outs[1])
 
 
 def test_tasks_of_two_to_four_tiles_take_the_streamed_kernel():

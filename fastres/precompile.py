@@ -105,7 +105,8 @@ def compile_all():
     # tasks of a few tiles (a 4x4 output, four panels): the streamed direct kernel
     x = np.ones((1, 4, 4, 16), np.float32)
     for precision in ("fp32", "bf16"):
-        plan = K.Conv2DPlan(K.pack_conv2d(np.ones((3, 3, 16, 64), np.float32), precision=precision), x.shape, 1, (1,) * 4)
+        packed = K.pack_conv2d(np.ones((3, 3, 16, 64), np.float32), precision=precision)
+        plan = K.Conv2DPlan(packed, x.shape, 1, (1,) * 4)
         plan.measure_split = False  # the rule's split, 3 tiles a task (no timing, nothing recorded)
         out = np.empty(plan.output_shape, np.float32)
         plan(out, x, np.zeros(64, np.float32), np.ones_like(out), True)

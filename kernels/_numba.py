@@ -259,7 +259,6 @@ be negative.
 """
 
 
-
 @intrinsic
 def advance(typingctx, pointer, count):
     """``pointer + count`` elements: a pointer into a part of a ``stack_f32`` buffer."""
@@ -270,6 +269,7 @@ def advance(typingctx, pointer, count):
         return builder.gep(args[0], [context.cast(builder, args[1], signature.args[1], types.int64)])
 
     return pointer(pointer, count), codegen
+
 
 def _line_intrinsic(name, extra_args, doc):
     """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.

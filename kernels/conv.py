@@ -33,7 +33,8 @@ PREFETCH_ROWS = 48  # weight rows ahead that the kernel asks for (12 KiB at 64 c
 L1_PANEL_ROWS = 128  # a panel of more rows (32 KiB) does not stay in L1 from one pass to the next
 CHUNK = 16        # tiles per parallel task, before balancing (``work_split``)
 ACC = TILE * PANEL  # accumulator floats per tile (a module constant, so Numba sees a literal)
-# ``conv2d_stream_forward`` runs tasks of 2 to STREAM_TILES tiles, in chunks of STREAM_ROWS weight rows (8 KiB on AVX2)
+# ``conv2d_stream_forward`` runs tasks of 2 to STREAM_TILES tiles, in chunks of STREAM_ROWS weight rows
+# (8 KiB on AVX2)
 STREAM_TILES = 4
 STREAM_ACC = STREAM_TILES * ACC
 STREAM_ROWS = max(64, 8192 // (4 * PANEL))
@@ -304,7 +305,8 @@ def _emit_tile(context, builder, signature, args, chunk):
     acc_ptr, x_arr, xb_ptr = args[:3]
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     vf, vi = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(i32, VECTOR_FLOATS)
-    stride, rows, steps = (context.cast(builder, v, t, types.uint64) for v, t in zip(args[3:6], signature.args[3:6]))
+    stride, rows, steps = (context.cast(builder, v, t, types.uint64)
+                           for v, t in zip(args[3:6], signature.args[3:6]))
     x_data = context.make_array(signature.args[1])(context, builder, x_arr).data
     w_data = context.make_array(signature.args[6])(context, builder, args[6]).data
     nvec = PANEL // VECTOR_FLOATS
@@ -541,7 +543,8 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
                         next_part = (c + 1) % panel_chunks
                         next_q0 = next_part % row_chunks * STREAM_ROWS
                         next_row = next_part // row_chunks * row + next_q0
-                        ahead_at = ((wset * nblk + first + (c + 1) // panel_chunks) * depth + next_row) * step_elements
+                        next_b = first + (c + 1) // panel_chunks
+                        ahead_at = ((wset * nblk + next_b) * depth + next_row) * step_elements
                         ahead = min(STREAM_ROWS, row - next_q0) * step_elements
                         share = (ahead + count * steps - 1) // (count * steps)  # elements fetched per step
                     c0 = b * PANEL
@@ -791,7 +794,7 @@ class Conv2DPlan:
         if packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
                            if self.amx else bf16.description())
-        self._kernel = self.kernel  # ``bind`` adds ", streamed" where the split makes tasks for ``conv2d_stream_forward``
+        self._kernel = self.kernel  # ``bind`` adds ", streamed" where the split runs ``conv2d_stream_forward``
 
     def _split(self, panels, runs, ntiles):
         """``work_split`` for this call's weights and tiles at the current thread count (cached)."""

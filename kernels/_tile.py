@@ -49,8 +49,8 @@ def pixel_starts(out_shape, in_shape, stride, runs):
     return starts
 
 
-def start_accumulators(context, builder, signature, args, acc_ptr, which):
-    """Codegen for the tile intrinsics: ``TILE * PANEL / lanes`` stack slots holding the tile's
+def start_accumulators(context, builder, signature, args, acc_ptr, which, pixels=TILE):
+    """Codegen for the tile intrinsics: ``pixels * PANEL / lanes`` stack slots holding the tile's
     accumulator vectors, started at the bias of the panel (zero past its last channel, in a part
     panel).  Returns (the slots, ``acc_ptr`` as a vector pointer, where the tile's sums go).
 
@@ -67,7 +67,7 @@ def start_accumulators(context, builder, signature, args, acc_ptr, which):
     mask_type = ir.VectorType(i1, VECTOR_FLOATS)
     acc_vec = builder.bitcast(acc_ptr, vector.as_pointer())
     nvec = PANEL // VECTOR_FLOATS
-    slots = [cgutils.alloca_once(builder, vector) for _ in range(TILE * nvec)]
+    slots = [cgutils.alloca_once(builder, vector) for _ in range(pixels * nvec)]
     bias_at, first_at = which
     bias = context.make_array(signature.args[bias_at])(context, builder, args[bias_at])
     first = context.cast(builder, args[first_at], signature.args[first_at], types.int64)
@@ -97,7 +97,7 @@ def start_accumulators(context, builder, signature, args, acc_ptr, which):
     for j, start in enumerate(merged):
         start.add_incoming(starts[0][j], whole_block)
         start.add_incoming(starts[1][j], part_block)
-        for t in range(TILE):
+        for t in range(pixels):
             builder.store(start, slots[t * nvec + j])
     return slots, acc_vec
 

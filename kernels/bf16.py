@@ -102,6 +102,14 @@ class _BFloat(ir.Type):
     def _to_string(self):
         return "bfloat"
 
+    # equal to every other instance: a kernel that emits the product twice (a whole tile and a short
+    # one) finds the intrinsic already declared with another instance's vector type
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
 
 def pack_bf16(w):
     """Round a folded HWIO kernel to bf16 and pack it in row pairs for ``conv.conv2d_forward`` (and AMX).

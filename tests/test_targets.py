@@ -118,6 +118,20 @@ def test_target_bf16_matches_naive_bf16(outputs, target):
     assert_close(got["bf16_streamed"], naive.conv2d_bf16(x, w, b, relu=True, round_input=False), rtol=1e-5)
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "host"])
+def test_every_targets_direct_kernels_compile(target, tmp_path):
+    """Compiled, not run, so that a target this CPU cannot run is still checked: on an AVX2-only machine a
+    codegen error in the AVX-512 or vdpbf16ps paths would otherwise show only on the next AVX-512 one."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_CPU_NAME=target)
+    env.pop("NUMBA_CPU_FEATURES", None)
+    run = subprocess.run([sys.executable, str(SCRIPT.parent / "compile_only.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, f"{target}: {run.stderr[-3000:]}"
+    isa, tile = TARGETS[target]
+    assert run.stdout.split()[:4] == ["ok", target, isa, tile]
+    assert ("bf16 dot" in run.stdout) == _BF16_DOT[target]
+
+
 @pytest.mark.parametrize("cpu,isa", [("haswell", "avx2"), ("skylake-avx512", "avx512"), ("znver4", "avx512"),
                                      ("sapphirerapids", "avx512"), ("x86-64", "generic"), ("x86-64-v3", "avx2")])
 def test_isa_probe_reads_the_targets_isa(cpu, isa):

@@ -25,7 +25,7 @@ from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
-                     get_num_threads, jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
+                     get_num_threads, inline, jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -422,6 +422,22 @@ def _emit_tile(context, builder, signature, args, chunk, pixels=TILE):
     return context.get_dummy_value()
 
 
+@inline
+def _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks):
+    """A direct-kernel task's (run, first panel, weight set, first tile, tile past the last), tasks numbered
+    chunk-major (consecutive tasks share their tiles' inputs), as ``conv2d_forward`` and
+    ``conv2d_stream_forward`` both hand them out."""
+    chunk = task // (runs * ngroups)
+    run = task // ngroups % runs
+    return run, task % ngroups * group, run % sets, chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+
+
+@inline
+def _narrow_tile(ntiles, run_pixels):
+    """The run's last tile where it holds ``NARROW_TILE`` pixels or fewer (it computes only those), else -1."""
+    return ntiles - 1 if run_pixels - (ntiles - 1) * TILE <= NARROW_TILE else -1
+
+
 @pjit
 def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
     """Direct convolution of a padded NHWC input with packed weights.
@@ -470,7 +486,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # overlap needs the passes to run from L1, as ``conv2d_stream_forward``'s chunks do.
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
-    narrow = ntiles - 1 if run_pixels - (ntiles - 1) * TILE <= NARROW_TILE else -1  # a run's short last tile
+    narrow = _narrow_tile(ntiles, run_pixels)
     taken = np.zeros(1, np.int64)  # tasks handed out so far
     # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
     # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
@@ -482,11 +498,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
         xb = carray(xb_ptr, (TILE,))
         task = next_task(taken)
         while task < ntasks:
-            chunk = task // (runs * ngroups)  # chunk-major: consecutive tasks share their tiles' inputs
-            run = task // ngroups % runs
-            first = task % ngroups * group
-            wset = run % sets
-            begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+            run, first, wset, begin, last = _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks)
             for b in range(nblk):
                 # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
                 # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
@@ -545,8 +557,7 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
     panel_chunks = kernel_h * row_chunks
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
-    # a run's last tile, where it holds few pixels, computes only NARROW_TILE of them (16 pixels: 6 + 6 + 4)
-    narrow = ntiles - 1 if run_pixels - (ntiles - 1) * TILE <= NARROW_TILE else -1
+    narrow = _narrow_tile(ntiles, run_pixels)  # (16 pixels: 6 + 6 + 4)
     taken = np.zeros(1, np.int64)
     for _ in prange(ntasks):
         saved = stack_f32(STREAM_ACC)  # each tile's sums between chunks
@@ -554,11 +565,7 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
         xb = carray(xb_ptr, (TILE,))
         task = next_task(taken)
         while task < ntasks:
-            chunk = task // (runs * ngroups)
-            run = task // ngroups % runs
-            first = task % ngroups * group
-            wset = run % sets
-            begin, last = chunk * ntiles // nchunks, (chunk + 1) * ntiles // nchunks
+            run, first, wset, begin, last = _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks)
             total = min(group, nblk - first) * panel_chunks
             for sub in range(begin, last, STREAM_TILES):
                 count = min(STREAM_TILES, last - sub)

@@ -274,8 +274,8 @@ def advance(typingctx, pointer, count):
 def _line_intrinsic(name, extra_args, doc):
     """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.
 
-    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (its
-    one user, ``evict_line``, is a cache operation that never faults).  ``extra_args`` follow the
+    ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (cache
+    operations: ``evict_line``'s callers stay in the array, ``fetch_line``'s may ask past its end).  ``extra_args`` follow the
     address, as i32 constants; with ``name`` None the call compiles to nothing.
     """
 
@@ -303,6 +303,11 @@ evict_line = _line_intrinsic("llvm.x86.sse2.clflush" if X86 else None, (), """Wr
 ``array.reshape(-1)[index]``'s cache line from every cache level (x86 ``clflush``; elsewhere nothing).
 
 For timing a kernel as a forward pass meets it, with its weights in memory rather than in cache.
+""")
+
+
+fetch_line = _line_intrinsic("llvm.prefetch.p0", (0, 3, 1), """Ask for ``array.reshape(-1)[index]``'s cache
+line, to read (LLVM ``prefetch``: a hint, which never faults, even past the array's end).
 """)
 
 

@@ -60,6 +60,38 @@ def test_buffers_are_cache_line_aligned(shape):
     assert _memory.zeros(shape).ctypes.data % _memory.ALIGN == 0 and not _memory.zeros(shape).any()
 
 
+@pytest.mark.parametrize("offset", [0, 64, 1088, 4032])
+def test_buffers_start_where_asked_in_their_page(offset):
+    a = K.aligned_empty((1000, 3), page_offset=offset)
+    assert a.shape == (1000, 3) and a.flags.c_contiguous and a.ctypes.data % _memory.PAGE == offset
+    a[...] = 1.0  # the whole array is writable memory
+    assert a.sum() == 3000
+
+
+@pytest.mark.parametrize("offset", [32, -64, 4096])
+def test_a_page_offset_off_the_lines_or_the_page_is_refused(offset):
+    with pytest.raises(ValueError, match="page_offset"):
+        K.aligned_empty(10, page_offset=offset)
+
+
+def test_a_plans_value_buffers_differ_in_their_page_offsets(rng, tmp_path):
+    """A convolution reading its residual (another value) while it stores its output must not wait on 4K
+    aliasing: the two start at different offsets modulo 1 KiB (ResNet's rows are 1 KiB multiples)."""
+    import fastres
+    import keras_models as km
+    keras = km.keras3()
+    inp = keras.Input((8, 8, 256))
+    x = keras.layers.Conv2D(64, 1, activation="relu", name="a")(inp)
+    x = keras.layers.Conv2D(256, 1, name="b")(x)
+    keras.Model(inp, keras.layers.ReLU()(keras.layers.Add()([x, inp]))).save(tmp_path / "residual.keras")
+    engine = fastres.load(tmp_path / "residual.keras")
+    x = rng.standard_normal((1, 8, 8, 256), dtype=np.float32)
+    engine.predict(x)
+    plan = engine._local.plans[x.shape]
+    assert [op for op in engine._ops if op.name == "b"][0].residual is not None  # the add is fused into "b"
+    assert plan.input.ctypes.data % 1024 != plan.output.ctypes.data % 1024
+
+
 def test_packed_weights_and_plan_buffers_are_aligned(rng):
     packed = K.pack_conv2d(rng.standard_normal((3, 3, 24, 40), dtype=np.float32))
     assert packed.panels.ctypes.data % _memory.ALIGN == 0

@@ -516,7 +516,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     # ResNet50 1-2% faster in this one)
                     fetch = tile == begin or depth > L1_PANEL_ROWS
                     # ask for the next tile's residual, which its store reads: the residual was written
-                    # layers ago (L3 or memory).  ResNet50 224x1 0.98-0.99x, 56x56 residual layers 0.93-0.98x (Zen 3)
+                    # layers ago (L3 or memory).  Residual 1x1s with the residual evicted 0.97-0.99x, ResNet50
+                    # 224x1 0.98-1.0x (Zen 3, same process; most of what a residual cost was 4K aliasing: ``PAGE``)
                     if has_residual:
                         for t in range(TILE):
                             fetch_line(res, (run * run_pixels + local0 + TILE + t) * cout + c0)

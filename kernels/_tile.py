@@ -181,6 +181,7 @@ def _row_store(count):
 
 store_panel_row = _row_store(PANEL)
 store_block_row = _row_store(32)  # an AMX block row (amx.BLOCK)
+store_vector = _row_store(VECTOR_FLOATS)  # a Winograd output block's pixel
 
 
 @inline

@@ -46,8 +46,10 @@ NARROW_TILE = TILE - 2
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd only where it was measured to win (min of 10, 2 cores): 56x56x64 1.5x, 28x28x128 1.6x,
 # 14x14x256 1.5x at batch 1; 7x7x512 1.4-1.9x and 4x4x256 1.4x from batch 2 and 8 on.  It loses
-# on small calls (16x16x64 at batch 1: 0.5x; 7x7x512 at batch 1: 0.9x), where its 4x larger
-# weights and the transforms cost more than the multiplications it saves.
+# where its weights, 4x the direct ones, stream from memory for few blocks (7x7x512 at batch 1: 0.96x)
+# and gains nothing on small calls: with the vector transforms, 16x16x64 and 8x8x128 at batch 1 (a
+# 64x64 input) timed alone ran 1.4-1.6x faster, but in a forward pass, against the direct kernel on its
+# measured split, 0.7-1.0x a layer and the whole pass 1.0x (Zen 3).
 WINOGRAD_MIN_TILES = 8  # 4x4 output blocks in the whole batch
 WINOGRAD_MIN_FLOPS = 50e6  # of the direct convolution, per call
 WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
@@ -59,7 +61,7 @@ WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per mac
 SPLIT_MEASURE_FLOPS = 40e6
 SPLIT_CHUNKS, SPLIT_GROUPS, SPLIT_MARGIN = (1, 2, 3, 4, 6, 8, 12), (1, 2, 4, 8, 16), 0.05
 # what wisdom is recorded for (the loop order is named: choices measured for an earlier order are measured again)
-MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major streamed"
+MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major streamed, vector transforms"
 
 
 class PackedConv2D:

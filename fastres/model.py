@@ -21,10 +21,10 @@ from .rewrites import rewrite
 
 
 PRECISIONS = ("fp32", "bf16")
-# bytes between the page offsets of a plan's value slots (``_memory.PAGE``): 1 KiB + a line, so that up to 16 slots
-# differ by at least a line modulo 1 KiB (ResNet's rows with a residual are 1 KiB or a multiple).  With every slot at
-# the same offset, ResNet50's 1x1s with a residual took 1.03-1.05x the time, the whole 224x1 pass 0.99-1.04x,
-# 224x8 1.03x (Zen 3, same process)
+# bytes between the page offsets of a plan's value slots (``_memory.PAGE``): 1 KiB + a line, so that up
+# to 16 slots differ by at least a line modulo 1 KiB (ResNet's rows with a residual are 1 KiB or a
+# multiple).  With every slot at the same offset, ResNet50's 1x1s with a residual took 1.03-1.05x the
+# time, the whole 224x1 pass 0.99-1.04x, 224x8 1.03x (Zen 3, same process)
 SLOT_STAGGER = 1088
 
 

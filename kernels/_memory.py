@@ -20,9 +20,9 @@ def empty(shape, dtype=np.float32, page_offset=None):
     """An uninitialised C-contiguous array whose first element is ``ALIGN``-byte aligned, with at least
     ``ALIGN`` bytes of readable memory after its last (the widened bf16 products read 2 bytes past a panel).
 
-    ``page_offset`` (bytes, a multiple of ``ALIGN``): the first element at exactly that offset past a 4 KiB page
-    boundary.  Buffers that one kernel reads and writes at the same time should differ there (see
-    ``PAGE``).
+    ``page_offset`` (bytes, a multiple of ``ALIGN``): the first element at exactly that offset past a
+    4 KiB page boundary.  Buffers that one kernel reads and writes at the same time should differ
+    there (see ``PAGE``).
     """
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
@@ -31,7 +31,8 @@ def empty(shape, dtype=np.float32, page_offset=None):
         skip = -raw.ctypes.data % ALIGN
     else:
         if page_offset % ALIGN or not 0 <= page_offset < PAGE:
-            raise ValueError(f"empty: page_offset must be a multiple of {ALIGN} in [0, {PAGE}), got {page_offset}")
+            raise ValueError(f"empty: page_offset must be a multiple of {ALIGN} in [0, {PAGE}), "
+                             f"got {page_offset}")
         raw = np.empty(count * dtype.itemsize + PAGE + 2 * ALIGN, np.uint8)
         skip = (page_offset - raw.ctypes.data) % PAGE
     return raw[skip: skip + count * dtype.itemsize].view(dtype).reshape(shape)

@@ -275,7 +275,8 @@ def _line_intrinsic(name, extra_args, doc):
     """An intrinsic ``f(array, index)`` that calls the LLVM intrinsic ``name`` on the element's address.
 
     ``array`` must be C-contiguous and ``index`` an integer; the address is not bounds-checked (cache
-    operations: ``evict_line``'s callers stay in the array, ``fetch_line``'s may ask past its end).  ``extra_args`` follow the
+    operations: ``evict_line``'s callers stay in the array, ``fetch_line``'s may ask past its end).
+    ``extra_args`` follow the
     address, as i32 constants; with ``name`` None the call compiles to nothing.
     """
 

@@ -24,8 +24,9 @@ from . import _checks, _memory, amx, bf16, wisdom
 from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
-from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line, fetch_line,
-                     get_num_threads, inline, jit, l2_bytes, next_task, pjit, stack_f32, stack_u64)
+from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
+                     fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, pjit, stack_f32,
+                     stack_u64)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -191,7 +192,7 @@ def split_candidates(runs, ntiles, nblk, threads, rule):
     return candidates
 
 
-def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=TILE):
+def work_split(runs, ntiles, nblk, depth, threads, tile_pixels=TILE):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (about ``GROUP_BYTES`` of weights), panel by panel,
@@ -201,15 +202,15 @@ def work_split(runs, ntiles, nblk, depth, threads, by_tiles=False, tile_pixels=T
     thread.  Each cut along the pixels reads a
     group's weights once more, each cut along the panels a run's inputs: the side cut is
     the one with more pixels per run than channels per group (a layer of a few pixels, as
-    at 64x64, splits its weights between the threads rather than its pixels).  ``by_tiles``
-    (Winograd, whose transforms split the tiles the same way) makes the tile runs a multiple
-    of ``threads``, so each thread's products stay in its own cache.  ``tile_pixels``:
-    pixels per tile (AMX blocks hold 16 or 32).
+    at 64x64, splits its weights between the threads rather than its pixels).  Winograd's products
+    are split the same way: cutting their tiles into a multiple of ``threads`` runs, as the
+    transforms cut them, so that each thread's products would stay in its own cache, read each
+    weight set twice where a product has few tiles (224x224 stage 4: 3), and its layers ran
+    1.25x as long there, 1.03-1.05x in stages 2 and 3 (Zen 3).  ``tile_pixels``: pixels per tile
+    (AMX blocks hold 16 or 32).
     """
     group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
     ngroups, nchunks = -(-nblk // group), -(-ntiles // CHUNK)
-    if by_tiles and ntiles >= threads:
-        nchunks = min(ntiles // threads, -(-nchunks // threads)) * threads
     while True:
         tasks = runs * nchunks * ngroups
         if tasks >= 2 * threads and (tasks % threads == 0 or tasks >= 8 * threads):
@@ -518,8 +519,9 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     # ResNet50 1-2% faster in this one)
                     fetch = tile == begin or depth > L1_PANEL_ROWS
                     # ask for the next tile's residual, which its store reads: the residual was written
-                    # layers ago (L3 or memory).  Residual 1x1s with the residual evicted 0.97-0.99x, ResNet50
-                    # 224x1 0.98-1.0x (Zen 3, same process; most of what a residual cost was 4K aliasing: ``PAGE``)
+                    # layers ago (L3 or memory).  Residual 1x1s with the residual evicted 0.97-0.99x,
+                    # ResNet50 224x1 0.98-1.0x (Zen 3, same process; most of what a residual cost was
+                    # 4K aliasing: ``_memory.PAGE``)
                     if has_residual:
                         for t in range(TILE):
                             fetch_line(res, (run * run_pixels + local0 + TILE + t) * cout + c0)
@@ -851,7 +853,7 @@ class Conv2DPlan:
         split = self._splits.get(key)
         if split is None:
             split = self._splits[key] = work_split(runs, ntiles, panels.shape[1], panels.shape[2], key[0],
-                                                   self.winograd, amx.block_pixels(self.wide) if self.amx else TILE)
+                                                   amx.block_pixels(self.wide) if self.amx else TILE)
         return split
 
     @property
@@ -956,8 +958,9 @@ class Conv2DPlan:
                 starts = self.starts[tiles]
                 res = residual if residual.size == 0 else residual[first:last]
                 calls.append((input_transform_forward, (v[:, :, 0], x[first:last], self.tiles_w)))
-                calls.append((conv2d_forward, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False,
-                                               *self._split(self.panels, *self._tiles(starts)))))
+                split = self._split(self.panels, *self._tiles(starts))
+                kernel = direct_kernel(self._tiles(starts)[1], split[0])  # (streamed at 224x224 stage 4: 3 tiles)
+                calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split)))
                 calls.append((output_transform_forward, (out[first:last], m[:, 0], bias, res, relu)))
             return calls
         if self.cols is not None:

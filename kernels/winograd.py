@@ -125,7 +125,9 @@ def _vector_access(context, builder, signature, args, array_at):
 
 
 def _is_flat(array):
-    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == types.float32
+    """A 1-D C-contiguous float32 array type."""
+    return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and array.dtype == types.float32)
 
 
 @intrinsic
@@ -135,7 +137,8 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
     Written as explicit vectors: the Numba loops over lanes went through stack buffers, and ran at about
     800 cycles a block of 8 channels (Zen 3).
     """
-    if not (_is_flat(flat) and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel))):
+    if not (_is_flat(flat) and _is_flat(x)
+            and all(isinstance(a, types.Integer) for a in (out, src, row, pixel))):
         return None
 
     def codegen(context, builder, signature, args):
@@ -172,11 +175,12 @@ def _output_block_vectors(typingctx, f, flat, src, plane, bias, ch0):
         i64 = ir.IntType(64)
         vector = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
         load = _vector_access(context, builder, signature, args, 1)[0]
-        src_at, plane_step = (context.cast(builder, a, t, types.int64) for a, t in zip(args[2:4], signature.args[2:4]))
+        src_at, plane_step = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (2, 3))
         f_vec = builder.bitcast(args[0], vector.as_pointer())
         channel_bias = _vector_access(context, builder, signature, args, 4)[0](
             context.cast(builder, args[5], signature.args[5], types.int64))
-        m = [[load(builder.add(src_at, builder.mul(i64(6 * i + j), plane_step))) for j in range(6)] for i in range(6)]
+        m = [[load(builder.add(src_at, builder.mul(i64(6 * i + j), plane_step))) for j in range(6)]
+             for i in range(6)]
         columns = [_at.py_func(*(m[i][j] for i in range(6))) for j in range(6)]   # (A^T m)[:, j]
         for i in range(4):
             for k, value in enumerate(_at.py_func(*(columns[j][i] for j in range(6)))):
@@ -276,7 +280,7 @@ def output_transform_forward(out, m, bias, residual, relu):
     ----------
     out : float32 (N, OH, OW, Cout), written (blocks past the edge are cut)
     m : float32 (36, N*TH*TW, Cout), the 36 products summed over input channels
-    bias : float32 (Cout,)
+    bias : float32 (Cout,), C-contiguous
     residual : float32 (N, OH, OW, Cout), or (0, 0, 0, 0) for none
     relu : bool
     """

@@ -322,6 +322,21 @@ def test_winograd_matches_naive(case, rng):
     assert_close(out, np.maximum(expected + residual, 0), rtol=3e-5)
 
 
+def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
+    """A 14x14 layer at batch 1 (ResNet50's stage 4 at 224x224): 16 blocks, 3 tiles a product, whose tiles are
+    not cut in two (each weight set read once) and run on the streamed kernel."""
+    x = rng.standard_normal((1, 14, 14, 24), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, 24, 40), dtype=np.float32)
+    bias = rng.standard_normal(40, dtype=np.float32)
+    plan = K.Conv2DPlan(K.pack_conv2d(kernel), x.shape, 1, (1, 1, 1, 1), winograd=True)
+    out = np.empty((1, 14, 14, 40), np.float32)
+    calls = plan._calls(out, x, bias, K.conv.NO_RESIDUAL, True)
+    products = [args for kernel_fn, args in calls if kernel_fn is K.conv.conv2d_stream_forward]
+    assert len(products) == 1 and products[0][-2] == 1  # one run of all 3 tiles a product
+    plan(out, x, bias, relu=True)
+    assert_close(out, np.maximum(naive.conv2d(x, kernel, bias, 1, "same"), 0), rtol=3e-5)
+
+
 def test_winograd_is_chosen_only_where_it_wins():
     big = K.pack_conv2d(np.zeros((3, 3, 512, 512), np.float32))
     assert K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).winograd

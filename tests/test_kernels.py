@@ -339,12 +339,16 @@ def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
 
 def test_winograd_is_chosen_only_where_it_wins():
     big = K.pack_conv2d(np.zeros((3, 3, 512, 512), np.float32))
-    assert K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).winograd
-    assert not K.Conv2DPlan(big, (1, 7, 7, 512), 1, (1, 1, 1, 1)).winograd     # 4 blocks
+    assert K.Conv2DPlan(big, (4, 7, 7, 512), 1, (1, 1, 1, 1)).winograd        # 16 blocks, 2.4 MB of weights each
+    assert not K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).winograd    # 8 blocks, 4.7 MB each
+    assert not K.Conv2DPlan(big, (1, 7, 7, 512), 1, (1, 1, 1, 1)).winograd
     assert not K.Conv2DPlan(big, (2, 14, 14, 512), 2, (1, 1, 1, 1)).winograd   # stride 2
     small = K.pack_conv2d(np.zeros((3, 3, 64, 64), np.float32))
     assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
-    assert not K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd  # 19 MFLOP
+    assert K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd       # 19 MFLOP, 16 blocks
+    assert not K.Conv2DPlan(small, (1, 8, 8, 64), 1, (1, 1, 1, 1)).winograd    # 4.7 MFLOP
+    assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((3, 3, 256, 256), np.float32)), (1, 4, 4, 256), 1,
+                            (1, 1, 1, 1)).winograd                               # 1 block
     assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((5, 5, 64, 64), np.float32)), (1, 56, 56, 64), 1, (2, 2, 2, 2)).winograd
 
 

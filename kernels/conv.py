@@ -47,15 +47,17 @@ NARROW_TILE = TILE - 2
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd where it was measured to win (Zen 3, 2 cores, weights evicted, against the direct kernel, vector
 # transforms): 56x56x64 2.2x, 28x28x128 2.5x, 14x14x256 1.6x at batch 1; 7x7x512 1.2x at batch 4, 1.3x at
-# batch 8.  At 64x64 (16x16x64 and 8x8x128, 19 MFLOP each) ResNet50 took 0.93-0.95x the time with them on
-# Winograd (in one process, against the direct kernel on its measured split).  It loses where its weights, 4x
-# the direct ones, are many per block: they stream from memory (7x7x512: 0.96x at batch 1, 0.85x at batch 2,
-# 9.4 and 4.7 MB per block), and gains nothing on tiny calls (8x8x64 at batch 1, 4.7 MFLOP: 1.03x).
-WINOGRAD_MIN_TILES = 4  # 4x4 output blocks in the whole batch
-WINOGRAD_MIN_FLOPS = 10e6  # of the direct convolution, per call
+# batch 8.  At 64x64 ResNet50 took 0.93-0.95x the time with its 16x16x64 layers (19 MFLOP) on Winograd (in
+# one process, against the direct kernel on its measured split): a call of one image of 16 blocks or more
+# pays from WINOGRAD_SMALL_FLOPS.  It loses where its weights, 4x the direct ones, are many per block: they
+# stream from memory (7x7x512: 0.96x at batch 1, 0.85x at batch 2, 9.4 and 4.7 MB per block), and gains
+# nothing on tiny calls (8x8x64 at batch 1, 4.7 MFLOP: 1.03x).
+WINOGRAD_MIN_TILES = 8  # 4x4 output blocks in the whole batch
+WINOGRAD_MIN_FLOPS = 50e6  # of the direct convolution, per call
+WINOGRAD_IMAGE_TILES, WINOGRAD_SMALL_FLOPS = 16, 10e6  # or this many blocks an image, and this many flops
 WINOGRAD_BLOCK_BYTES = 3 << 20  # at most this many bytes of transformed weights per block
 WINOGRAD_BYTES = 2 << 20  # transformed blocks of one pass: enough images to fill about this much
-WINOGRAD_MEASURE_FLOPS = 10e6  # above this, the choice is measured once per machine (``wisdom``)
+WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per machine (``wisdom``)
 # A direct convolution of at most this many flops (ResNet50 at 64x64) takes its work split from ``wisdom``:
 # ``work_split``'s rule, or one of these many tiles and panels per task where measured faster by SPLIT_MARGIN.
 # (On a Zen 3, single 64x64 layers ran up to 1.4x faster on their best split, mostly with more panels per
@@ -750,7 +752,8 @@ class Conv2DPlan:
     the two on this machine is taken from ``wisdom`` (measured once and recorded)
     where there are at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks to share the
     transformed weights (at most ``WINOGRAD_BLOCK_BYTES`` of them a block); otherwise, or with
-    wisdom off, the rule decides: those blocks and ``WINOGRAD_MIN_FLOPS``.
+    wisdom off, the rule decides: those blocks and ``WINOGRAD_MIN_FLOPS``, or
+    ``WINOGRAD_IMAGE_TILES`` blocks an image and ``WINOGRAD_SMALL_FLOPS``.
 
     A bf16 packing (``pack_conv2d(w, precision="bf16")``) runs on AMX where ``amx.usable`` (or,
     packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; never
@@ -783,10 +786,11 @@ class Conv2DPlan:
             # too few blocks to share its 4x larger weights: a timing with the weights hot in cache
             # would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
             blocks = n * image_tiles
-            shared = (blocks >= WINOGRAD_MIN_TILES
-                      and 36 * cin * cout * 4 <= WINOGRAD_BLOCK_BYTES * blocks)
-            rule = shared and flops >= WINOGRAD_MIN_FLOPS
-            measure = shared and flops >= WINOGRAD_MEASURE_FLOPS
+            shared = 36 * cin * cout * 4 <= WINOGRAD_BLOCK_BYTES * blocks
+            large = blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
+            wide = image_tiles >= WINOGRAD_IMAGE_TILES and flops >= WINOGRAD_SMALL_FLOPS
+            rule = shared and (large or wide)
+            measure = shared and (blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MEASURE_FLOPS or wide)
             winograd = _measured_winograd(packed, input_shape, pads, rule) if measure else rule
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None

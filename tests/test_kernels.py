@@ -347,6 +347,7 @@ def test_winograd_is_chosen_only_where_it_wins():
     assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
     assert K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd       # 19 MFLOP, 16 blocks
     assert not K.Conv2DPlan(small, (1, 8, 8, 64), 1, (1, 1, 1, 1)).winograd    # 4.7 MFLOP
+    assert not K.Conv2DPlan(small, (3, 8, 8, 64), 1, (1, 1, 1, 1)).winograd    # 12 blocks of 4 an image, 14 MFLOP
     assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((3, 3, 256, 256), np.float32)), (1, 4, 4, 256), 1,
                             (1, 1, 1, 1)).winograd                               # 1 block
     assert not K.Conv2DPlan(K.pack_conv2d(np.zeros((5, 5, 64, 64), np.float32)), (1, 56, 56, 64), 1, (2, 2, 2, 2)).winograd

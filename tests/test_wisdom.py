@@ -62,7 +62,10 @@ def test_off_follows_the_rule_and_writes_nothing(store, rng, monkeypatch):
     monkeypatch.setitem(wisdom._state, "mode", None)
     assert wisdom.mode() == "off"
     n, h, w, _ = SHAPE
-    rule = n * -(-h // 4) * -(-w // 4) >= conv.WINOGRAD_MIN_TILES and 2 * h * w * 9 * 32 * 64 >= conv.WINOGRAD_MIN_FLOPS
+    blocks, flops = -(-h // 4) * -(-w // 4), 2 * h * w * 9 * 32 * 64  # (one image)
+    rule = (blocks >= conv.WINOGRAD_MIN_TILES and flops >= conv.WINOGRAD_MIN_FLOPS
+            or blocks >= conv.WINOGRAD_IMAGE_TILES and flops >= conv.WINOGRAD_SMALL_FLOPS)
+    assert n == 1 and 36 * 32 * 64 * 4 <= conv.WINOGRAD_BLOCK_BYTES * blocks
     assert K.Conv2DPlan(packed(rng), SHAPE, 1, PADS).winograd == rule
     assert not store.exists()
 

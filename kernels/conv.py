@@ -206,11 +206,11 @@ def work_split(runs, ntiles, nblk, depth, threads, tile_pixels=TILE):
     group's weights once more, each cut along the panels a run's inputs: the side cut is
     the one with more pixels per run than channels per group (a layer of a few pixels, as
     at 64x64, splits its weights between the threads rather than its pixels).  Winograd's products
-    are split the same way: cutting their tiles into a multiple of ``threads`` runs, as the
+    are split the same way.  (Cutting their tiles into a multiple of ``threads`` runs, as the
     transforms cut them, so that each thread's products would stay in its own cache, read each
-    weight set twice where a product has few tiles (224x224 stage 4: 3), and its layers ran
-    1.25x as long there, 1.03-1.05x in stages 2 and 3 (Zen 3).  ``tile_pixels``: pixels per tile
-    (AMX blocks hold 16 or 32).
+    weight set twice where a product has few tiles: the 224x224 stage-4 layers, 3 tiles a product,
+    ran 1.25x as long, stages 2 and 3 1.03-1.05x; Zen 3.)  ``tile_pixels``: pixels per tile (AMX
+    blocks hold 16 or 32).
     """
     group = max(1, min(nblk, GROUP_BYTES // (depth * PANEL * 4)))
     ngroups, nchunks = -(-nblk // group), -(-ntiles // CHUNK)

@@ -26,15 +26,12 @@ def empty(shape, dtype=np.float32, page_offset=None):
     """
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    if page_offset is None:
-        raw = np.empty(count * dtype.itemsize + 2 * ALIGN, np.uint8)
-        skip = -raw.ctypes.data % ALIGN
-    else:
-        if page_offset % ALIGN or not 0 <= page_offset < PAGE:
-            raise ValueError(f"empty: page_offset must be a multiple of {ALIGN} in [0, {PAGE}), "
-                             f"got {page_offset}")
-        raw = np.empty(count * dtype.itemsize + PAGE + 2 * ALIGN, np.uint8)
-        skip = (page_offset - raw.ctypes.data) % PAGE
+    if page_offset is not None and (page_offset % ALIGN or not 0 <= page_offset < PAGE):
+        raise ValueError(f"empty: page_offset must be a multiple of {ALIGN} in [0, {PAGE}), "
+                         f"got {page_offset}")
+    period, offset = (ALIGN, 0) if page_offset is None else (PAGE, page_offset)
+    raw = np.empty(count * dtype.itemsize + period + ALIGN, np.uint8)
+    skip = (offset - raw.ctypes.data) % period
     return raw[skip: skip + count * dtype.itemsize].view(dtype).reshape(shape)
 
 

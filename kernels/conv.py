@@ -966,8 +966,9 @@ class Conv2DPlan:
                 starts = self.starts[tiles]
                 res = residual if residual.size == 0 else residual[first:last]
                 calls.append((input_transform_forward, (v[:, :, 0], x[first:last], self.tiles_w)))
-                split = self._split(self.panels, *self._tiles(starts))
-                kernel = direct_kernel(self._tiles(starts)[1], split[0])  # (streamed at 224x224 stage 4: 3 tiles)
+                runs, ntiles = self._tiles(starts)
+                split = self._split(self.panels, runs, ntiles)
+                kernel = direct_kernel(ntiles, split[0])  # (streamed at 224x224 stage 4: 3 tiles)
                 calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split)))
                 calls.append((output_transform_forward, (out[first:last], m[:, 0], bias, res, relu)))
             return calls

@@ -601,10 +601,13 @@ def _feed_convolutions(ops, output, convs):
 def _release_direct(model, name, conv):
     """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size.
 
-    The model's packing is replaced by a copy without the direct panels, and every later plan runs
-    this layer as Winograd (possible for any input size; it may be slower than the direct kernel on
-    very small inputs, and rounds differently, about 1e-5 of the output).  A plan made before keeps
-    the packing it was made with, so it still runs: the direct panels are freed with the last of them.
+    Called where Winograd is chosen for one image, so for every batch size (``_steps``), in a model of
+    one input size: the model's packing is replaced by a copy without the direct panels, and every
+    later plan runs this layer as Winograd.  A layer chosen Winograd only from some batch size on, or in
+    a model whose input size is free (a smaller image may be direct), keeps both packings, so that an
+    input shape runs one way whatever ran before it (the two round differently, about 1e-5 of the
+    output; releasing on the first Winograd plan made a Dask worker's results depend on the batches it
+    had met, and a free-size model's on the sizes).
     """
     winograd_only = copy.copy(conv.packed)
     winograd_only.panels = None
@@ -648,8 +651,11 @@ def _steps(model, op, ins, out, residual, scratch):
                 _, pl, pr = K.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
                 t, b, l, r = t + pt, b + pb, l + pl, r + pr
             pads = (t, b, l, r)
-        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=True if packed.panels is None else None)
-        if conv.winograd and packed.panels is not None:
+        # Winograd at every batch size where it is chosen for one image, else as chosen for this batch: an
+        # input shape runs the same way whatever ran before it (``_release_direct``)
+        one = packed.panels is None or K.winograd_choice(packed, (1, *x4.shape[1:]), stride, pads)
+        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=True if one else None)
+        if one and packed.panels is not None and None not in model._input_shape:
             _release_direct(model, op.name, conv)
         scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual

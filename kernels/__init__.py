@@ -9,7 +9,8 @@ from .activation import KINDS as activation_kinds, activation
 from ._im2col import im2col_forward
 from ._memory import empty as aligned_empty
 from ._numba import get_num_threads, set_num_threads, threading_layer
-from .conv import NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba, pack_conv2d, zero_pad2d
+from .conv import (NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba, pack_conv2d,
+                   winograd_choice, zero_pad2d)
 from .elementwise import add_relu, batch_norm, batch_norm_params, bias_add, fold_batch_norm, relu, softmax
 from .pool import avg_pool2d, global_avg_pool2d, global_max_pool2d, max_pool2d
 
@@ -27,5 +28,5 @@ __all__ = [
     "zero_pad_forward", "add_relu", "aligned_empty", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",
     "fold_batch_norm", "get_num_threads", "global_avg_pool2d", "global_max_pool2d", "im2col_forward",
     "im2col_numba", "max_pool2d", "pack_conv2d", "relu", "set_num_threads", "softmax",
-    "threading_layer", "zero_pad2d",
+    "threading_layer", "winograd_choice", "zero_pad2d",
 ]

@@ -780,18 +780,9 @@ class Conv2DPlan:
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
         image_tiles = -(-oh // 4) * -(-ow // 4)
-        possible = (kh, kw) == (3, 3) and stride == 1 and not packed.im2col and packed.precision == "fp32"
+        possible = _winograd_possible(packed, stride)
         if winograd is None and possible:
-            flops = 2 * n * oh * ow * kh * kw * cin * cout
-            # too few blocks to share its 4x larger weights: a timing with the weights hot in cache
-            # would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
-            blocks = n * image_tiles
-            shared = 36 * cin * cout * 4 <= WINOGRAD_BLOCK_BYTES * blocks
-            large = blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
-            wide = image_tiles >= WINOGRAD_IMAGE_TILES and flops >= WINOGRAD_SMALL_FLOPS
-            rule = shared and (large or wide)
-            measure = shared and (blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MEASURE_FLOPS or wide)
-            winograd = _measured_winograd(packed, input_shape, pads, rule) if measure else rule
+            winograd = winograd_choice(packed, input_shape, stride, pads)
         self.winograd = bool(winograd) and possible
         self.cols = self.v = self.m = None
         self.amx = self.wide = False
@@ -1026,6 +1017,36 @@ def evict_forward(array):
     flat = array.reshape(-1)
     for i in range(0, flat.size, LINE_BYTES // flat.itemsize):
         evict_line(flat, i)
+
+
+def _winograd_possible(packed, stride):
+    """Whether the convolution can run as Winograd F(4x4, 3x3): a stride-1 3x3 in float32, not gathered."""
+    return tuple(packed.kernel_size) == (3, 3) and stride == 1 and not packed.im2col and packed.precision == "fp32"
+
+
+def winograd_choice(packed, input_shape, stride, pads):
+    """Whether ``Conv2DPlan`` runs this convolution as Winograd F(4x4, 3x3) when not told (see its docstring).
+
+    The rule, or above ``WINOGRAD_MEASURE_FLOPS`` the recorded or measured faster (``wisdom``); it
+    needs the direct packing (``packed.panels``) where it measures.
+    """
+    if not _winograd_possible(packed, stride):
+        return False
+    n, h, w, _ = input_shape
+    top, bottom, left, right = pads
+    cin, cout = packed.in_channels, packed.out_channels
+    oh, ow = h + top + bottom - 2, w + left + right - 2
+    image_tiles = -(-oh // 4) * -(-ow // 4)
+    flops = 2 * n * oh * ow * 9 * cin * cout
+    # too few blocks to share its 4x larger weights: a timing with the weights hot in cache
+    # would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
+    blocks = n * image_tiles
+    shared = 36 * cin * cout * 4 <= WINOGRAD_BLOCK_BYTES * blocks
+    large = blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
+    wide = image_tiles >= WINOGRAD_IMAGE_TILES and flops >= WINOGRAD_SMALL_FLOPS
+    rule = shared and (large or wide)
+    measure = shared and (blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MEASURE_FLOPS or wide)
+    return _measured_winograd(packed, input_shape, pads, rule) if measure else rule
 
 
 def _measured_winograd(packed, input_shape, pads, rule):

@@ -237,8 +237,9 @@ def test_a_plan_binds_its_convolutions_again_for_another_thread_count(small):
 
 
 def test_one_packing_per_convolution(rng):
-    """A 3x3 convolution keeps the weights its plans run: once a plan runs it as Winograd, its direct
-    packing goes and later plans run Winograd too, at any size; a plan made before keeps its own."""
+    """A 3x3 convolution keeps the weights its plans can run: in a model of one input size where one image
+    runs it as Winograd, only the Winograd packing stays; where the input size is free, both (a smaller
+    image runs direct, whatever ran before it)."""
     import naive
     from conftest import assert_close
     from fastres.graph import Activation, Layer
@@ -246,31 +247,61 @@ def test_one_packing_per_convolution(rng):
     w = (rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
 
-    def model():
+    def model(size=None):
         layers = [Layer("input", "InputLayer", []),
                   Layer("c", "Conv2D", ["input"], dict(filters=64, kernel=(3, 3), stride=1, padding="same",
                                                       use_bias=True, activation=Activation("relu")), [w.copy(), b])]
-        return fastres.Model(layers, "c", (None, None, 64), "test", "", "<test>")
+        return fastres.Model(layers, "c", (size, size, 64), "test", "", "<test>")
 
     small, big = images((1, 8, 8, 64), seed=5), images((1, 56, 56, 64), seed=6)
     expected = {x.shape: naive.conv2d(x, w, b, padding="same", relu=True) for x in (small, big)}
     fr = model()
     assert_close(fr.predict(small), expected[small.shape])       # too small for Winograd: direct
     assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
-    assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd: the direct panels are released
-    assert fr._local.plans[big.shape].kernels["c"].startswith("winograd") and fr._packed["c"].panels is None
-    assert_close(fr.predict(small), expected[small.shape])       # the plan made before still runs direct
+    assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd; the size is free: both packings
+    assert fr._local.plans[big.shape].kernels["c"].startswith("winograd")
+    assert fr._packed["c"].panels is not None and fr._packed["c"]._winograd is not None
     fr._local.plans.clear()
-    assert_close(fr.predict(small), expected[small.shape], rtol=1e-4)  # a new plan: Winograd, the packing there is
-    assert fr._local.plans[small.shape].kernels["c"].startswith("winograd")
-    odd, done = images((2, 5, 7, 64), seed=7), []
-    thread = threading.Thread(target=lambda: done.append(fr.predict(odd)))  # its own plans, Winograd too
+    first = fr.predict(small)                                    # a new plan: direct, as on a fresh model
+    assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
+    np.testing.assert_array_equal(first, model().predict(small))
+    fixed = model(56)
+    assert_close(fixed.predict(big), expected[big.shape], rtol=1e-4)
+    assert fixed._packed["c"].panels is None                     # one size, Winograd for one image: released
+    odd, done = images((3, 56, 56, 64), seed=7), []
+    thread = threading.Thread(target=lambda: done.append(fixed.predict(odd)))  # its own plans, Winograd too
     thread.start()
     thread.join()
     assert_close(done[0], naive.conv2d(odd, w, b, padding="same", relu=True), rtol=1e-4)
     fresh = model()
     fresh.predict(small)
     assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd is None  # direct only
+
+
+def test_a_batch_runs_the_same_whatever_ran_before(rng):
+    """A layer that is direct for one image and Winograd for three (8x8x128: 4 blocks an image) runs each
+    batch size one way, whichever came first: the same bits either way (a Dask worker meets its chunks
+    in any order)."""
+    from fastres.graph import Activation, Layer
+
+    w = (rng.standard_normal((3, 3, 128, 128)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(128).astype(np.float32)
+
+    def model():
+        layers = [Layer("input", "InputLayer", []),
+                  Layer("c", "Conv2D", ["input"], dict(filters=128, kernel=(3, 3), stride=1, padding="same",
+                                                      use_bias=True, activation=Activation("relu")), [w.copy(), b])]
+        return fastres.Model(layers, "c", (8, 8, 128), "test", "", "<test>")
+
+    x = images((3, 8, 8, 128), seed=8)
+    one_first, three_first = model(), model()
+    results = {"one first": [one_first.predict(x[:1]), one_first.predict(x)]}
+    results["three first"] = [three_first.predict(x), three_first.predict(x[:1])][::-1]
+    for fr in (one_first, three_first):
+        assert fr._local.plans[x[:1].shape].kernels["c"].startswith("direct")
+        assert fr._local.plans[x.shape].kernels["c"].startswith("winograd")
+    for got, want in zip(results["three first"], results["one first"]):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -218,8 +218,12 @@ def _products(model):
 def _machine_line(m):
     """One line naming what the figures were measured on."""
     amx_peak = f", AMX bf16 peak {m['amx_peak_gflops']:.0f} GFLOPS" if "amx_peak_gflops" in m else ""
+    short = (f"\nwarning: {m['threads']} threads made only {m['peak_gflops'] / m['peak_one_thread_gflops']:.1f}x one "
+             "thread's FMA rate: they share cores, or a core was busy (or taken by the VM) while measuring; the "
+             "figures of this run may be off" if m.get("cores_short") else "")
     return (f"{m['cpu']} ({m['llvm_cpu']}), {m['isa']} {m['vector_bits']}-bit, tile {m['tile']}, "
-            f"{m['threads']} threads: FMA peak {m['peak_gflops']:.0f} GFLOPS{amx_peak}, read {m['read_gbps']:.0f} GB/s")
+            f"{m['threads']} threads: FMA peak {m['peak_gflops']:.0f} GFLOPS{amx_peak}, read {m['read_gbps']:.0f} GB/s"
+            + short)
 
 
 def _peak_of(kernel, machine):

@@ -70,10 +70,10 @@ def _best(run, repeats):
     return best
 
 
-def fma_peak(repeats=20):
-    """The float32 multiply-add peak of the kernel threads, in GFLOPS (best of ``repeats``)."""
-    threads = get_num_threads()
-    out = np.empty((threads, ACC), np.float32)
+def fma_peak(repeats=20, threads=None):
+    """The float32 multiply-add peak of ``threads`` kernel threads (default: all), in GFLOPS (best of ``repeats``)."""
+    threads = threads or get_num_threads()
+    out = np.empty((threads, ACC), np.float32)  # one task a thread
     fma_peak_forward(out, 16)  # compile / warm up
     seconds = _best(lambda: fma_peak_forward(out, PEAK_STEPS), repeats)
     return 2 * threads * ACC * PEAK_STEPS / seconds / 1e9
@@ -91,22 +91,31 @@ def read_bandwidth(nbytes=256 << 20, repeats=5):
 
 @functools.lru_cache(maxsize=None)
 def _measure(threads):
-    return fma_peak(), read_bandwidth(), amx.peak(threads)
+    return fma_peak(), fma_peak(threads=1), read_bandwidth(), amx.peak(threads)
+
+
+SCALING_FLOOR = 0.7  # of the thread count: a peak under this many times one thread's is flagged (``machine``)
 
 
 def machine(measure=True):
     """What the figures were measured on: CPU, ISA, width, tile, threads, and (measured) peak and bandwidth.
 
     ``peak_gflops`` is the float32 FMA peak; where AMX is usable, ``amx_peak_gflops`` is its bf16
-    tile-product peak.  The measurement (about 0.3 s) is made once per thread count and process.
+    tile-product peak.  ``peak_one_thread_gflops`` is one thread's FMA peak, and ``cores_short`` is True
+    where the threads together made under ``SCALING_FLOOR`` times the thread count of it: the
+    threads shared cores (SMT siblings) or a core was busy, or taken away by the VM, while the peak was
+    measured (a 2-core VM gave half its speed for seconds at a time: 116 GFLOPS on 2 threads, one
+    thread's rate, against 232 outside those spells), and every figure of the run may be off.
+    The measurement (about 0.3 s) is made once per thread count and process.
     """
     info = {
         "cpu": cpu_model(), "llvm_cpu": CPU_NAME, "isa": ISA, "vector_bits": 32 * VECTOR_FLOATS,
         "tile": f"{TILE}x{PANEL}", "threads": get_num_threads(), "cores": os.cpu_count(), "l2_bytes": l2_bytes(),
     }
     if measure:
-        peak, bandwidth, amx_peak = _measure(info["threads"])
-        info.update(peak_gflops=round(peak, 1), read_gbps=round(bandwidth, 1))
+        peak, one_thread, bandwidth, amx_peak = _measure(info["threads"])
+        info.update(peak_gflops=round(peak, 1), peak_one_thread_gflops=round(one_thread, 1), read_gbps=round(bandwidth, 1),
+                    cores_short=bool(info["threads"] > 1 and peak < SCALING_FLOOR * info["threads"] * one_thread))
         if amx.AMX:
             info["amx_peak_gflops"] = round(amx_peak, 1)
     return info

@@ -28,6 +28,19 @@ def test_machine_names_what_the_figures_are_for():
     assert m["tile"] == f"{conv.TILE}x{conv.PANEL}" and m["threads"] == K.get_num_threads()
     assert m["cpu"] and m["llvm_cpu"]
     assert m["peak_gflops"] > 1 and m["read_gbps"] > 0.5
+    assert m["peak_one_thread_gflops"] > 1 and isinstance(m["cores_short"], bool)
+    assert m["cores_short"] == (m["peak_gflops"] < roofline.SCALING_FLOOR * m["threads"] * m["peak_one_thread_gflops"]
+                                and m["threads"] > 1)
+
+
+def test_the_machine_line_warns_when_the_threads_did_not_scale():
+    from fastres.cli import _machine_line
+
+    m = dict(cpu="AMD EPYC", llvm_cpu="znver4", isa="avx512", vector_bits=512, tile="6x64", threads=2,
+             peak_gflops=117.0, peak_one_thread_gflops=116.0, read_gbps=34.0, cores_short=True)
+    line = _machine_line(m)
+    assert "FMA peak 117 GFLOPS" in line and "warning: 2 threads made only 1.0x one thread's FMA rate" in line
+    assert "warning" not in _machine_line(dict(m, peak_gflops=232.0, cores_short=False))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])

@@ -91,7 +91,8 @@ def read_bandwidth(nbytes=256 << 20, repeats=5):
 
 @functools.lru_cache(maxsize=None)
 def _measure(threads):
-    return fma_peak(), fma_peak(threads=1), read_bandwidth(), amx.peak(threads)
+    peak = fma_peak()
+    return peak, fma_peak(threads=1) if threads > 1 else peak, read_bandwidth(), amx.peak(threads)
 
 
 SCALING_FLOOR = 0.7  # of the thread count: a peak under this many times one thread's is flagged (``machine``)

@@ -236,22 +236,28 @@ def test_a_plan_binds_its_convolutions_again_for_another_thread_count(small):
     np.testing.assert_array_equal(every.predict(x), first)
 
 
+def _one_convolution(w, b, input_shape):
+    """A model of one 3x3 "same" Conv2D + ReLU named "c", kernel ``w`` (a copy) and bias ``b``, built in memory."""
+    from fastres.graph import Activation, Layer
+
+    layers = [Layer("input", "InputLayer", []),
+              Layer("c", "Conv2D", ["input"], dict(filters=w.shape[3], kernel=(3, 3), stride=1, padding="same",
+                                                  use_bias=True, activation=Activation("relu")), [w.copy(), b])]
+    return fastres.Model(layers, "c", input_shape, "test", "", "<test>")
+
+
 def test_one_packing_per_convolution(rng):
     """A 3x3 convolution keeps the weights its plans can run: in a model of one input size where one image
     runs it as Winograd, only the Winograd packing stays; where the input size is free, both (a smaller
     image runs direct, whatever ran before it)."""
     import naive
     from conftest import assert_close
-    from fastres.graph import Activation, Layer
 
     w = (rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
 
     def model(size=None):
-        layers = [Layer("input", "InputLayer", []),
-                  Layer("c", "Conv2D", ["input"], dict(filters=64, kernel=(3, 3), stride=1, padding="same",
-                                                      use_bias=True, activation=Activation("relu")), [w.copy(), b])]
-        return fastres.Model(layers, "c", (size, size, 64), "test", "", "<test>")
+        return _one_convolution(w, b, (size, size, 64))
 
     small, big = images((1, 8, 8, 64), seed=5), images((1, 56, 56, 64), seed=6)
     expected = {x.shape: naive.conv2d(x, w, b, padding="same", relu=True) for x in (small, big)}
@@ -282,16 +288,11 @@ def test_a_batch_runs_the_same_whatever_ran_before(rng):
     """A layer that is direct for one image and Winograd for three (8x8x128: 4 blocks an image) runs each
     batch size one way, whichever came first: the same bits either way (a Dask worker meets its chunks
     in any order)."""
-    from fastres.graph import Activation, Layer
-
     w = (rng.standard_normal((3, 3, 128, 128)) * 0.05).astype(np.float32)
     b = rng.standard_normal(128).astype(np.float32)
 
     def model():
-        layers = [Layer("input", "InputLayer", []),
-                  Layer("c", "Conv2D", ["input"], dict(filters=128, kernel=(3, 3), stride=1, padding="same",
-                                                      use_bias=True, activation=Activation("relu")), [w.copy(), b])]
-        return fastres.Model(layers, "c", (8, 8, 128), "test", "", "<test>")
+        return _one_convolution(w, b, (8, 8, 128))
 
     x = images((3, 8, 8, 128), seed=8)
     one_first, three_first = model(), model()

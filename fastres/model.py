@@ -449,7 +449,8 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
     needs the largest of each.  The Winograd kernel packing is a weight, made once per layer, and
     not counted here.  In bf16 each convolution's bf16 (or, widened, float32) copy of its (padded)
     input, or of its gathered receptive fields, is counted whole (most share one buffer, but a fed one
-    has its own), and none runs Winograd.
+    has its own), and a stride-1 3x3 may run Winograd F(2x2, 3x3) (its padded float32 input, bf16 ``v``
+    and float32 ``m``).
     """
     found = {"own": 0, "padded": 0, "v": 0, "m": 0}
     if op.kind not in ("Conv2D", "Dense"):
@@ -465,6 +466,11 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
         rounded = padded + gathered  # a gathering plan keeps its rounded, padded input too
         # (counted at 4 bytes: where the bf16 weights are widened, the padded input stays float32)
         found["own"] += 4 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
+        if op.kind == "Conv2D" and (kh, kw) == (3, 3) and op.attrs["stride"] == 1:  # Winograd F(2x2, 3x3)
+            found["padded"] = 4 * n * (x[0] + sum(op.pads[:2]) + 4) * (x[1] + sum(op.pads[2:]) + 4) * cin
+            tiles = 16 * -(-out[0] // 2) * -(-out[1] // 2)  # products x blocks of one image
+            blocks = tiles * max(1, min(n, K.conv.WINOGRAD_BYTES // (tiles * max(cin, out[-1]) * 4)))
+            found["v"], found["m"] = 2 * blocks * cin, 4 * blocks * out[-1]
         return found
     if op.kind == "Conv2D":
         (kh, kw), cin, cout = op.attrs["kernel"], x[-1], out[-1]

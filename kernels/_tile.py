@@ -102,6 +102,20 @@ def start_accumulators(context, builder, signature, args, acc_ptr, which, pixels
     return slots, acc_vec
 
 
+def rounded_vector(builder, value):
+    """Codegen: the bf16 bits (an i16 vector) of a float vector: to nearest, ties to even; a NaN stays a (quiet) NaN."""
+    lanes = value.type.count
+    i32s, i16s = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.IntType(16), lanes)
+    bits = builder.bitcast(value, i32s)
+    high = builder.lshr(bits, ir.Constant(i32s, [16] * lanes))
+    odd = builder.and_(high, ir.Constant(i32s, [1] * lanes))
+    up = builder.add(bits, builder.add(odd, ir.Constant(i32s, [0x7FFF] * lanes)))
+    near = builder.lshr(up, ir.Constant(i32s, [16] * lanes))
+    nan = builder.fcmp_unordered("uno", value, value)
+    quiet = builder.or_(high, ir.Constant(i32s, [0x40] * lanes))
+    return builder.trunc(builder.select(nan, quiet, near), i16s)
+
+
 def is_bias(bias):
     """True when ``bias`` is typed as ``start_accumulators`` needs it: a C-contiguous float32 vector."""
     return isinstance(bias, types.Array) and bias.dtype == types.float32 and bias.layout == "C" and bias.ndim == 1
@@ -132,18 +146,7 @@ def _row_store(count):
             values = [builder.load(at(src_at, args[2], k), align=4) for k in range(count // VECTOR_FLOATS)]
 
             to_bf16 = signature.args[0].dtype == types.uint16
-            i32s, i16s = ir.VectorType(ir.IntType(32), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
-
-            def rounded(value):
-                """bf16 bits of a float vector: to nearest, ties to even; a NaN stays a (quiet) NaN."""
-                bits = builder.bitcast(value, i32s)
-                high = builder.lshr(bits, ir.Constant(i32s, [16] * VECTOR_FLOATS))
-                odd = builder.and_(high, ir.Constant(i32s, [1] * VECTOR_FLOATS))
-                up = builder.add(bits, builder.add(odd, ir.Constant(i32s, [0x7FFF] * VECTOR_FLOATS)))
-                near = builder.lshr(up, ir.Constant(i32s, [16] * VECTOR_FLOATS))
-                nan = builder.fcmp_unordered("uno", value, value)
-                quiet = builder.or_(high, ir.Constant(i32s, [0x40] * VECTOR_FLOATS))
-                return builder.trunc(builder.select(nan, quiet, near), i16s)
+            i16s = ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
 
             def store(add_residual):
                 for k, value in enumerate(values):
@@ -153,7 +156,7 @@ def _row_store(count):
                     value = builder.select(with_relu, builder.select(negative, zero, value), value)
                     if to_bf16:
                         place = builder.gep(y_data, [builder.add(dst_at, i64(k * VECTOR_FLOATS))])
-                        builder.store(rounded(value), builder.bitcast(place, i16s.as_pointer()), align=2)
+                        builder.store(rounded_vector(builder, value), builder.bitcast(place, i16s.as_pointer()), align=2)
                     else:
                         builder.store(value, at(dst_at, y_data, k), align=4)
 

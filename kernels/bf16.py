@@ -17,8 +17,9 @@ here as ``uint16`` and rounded to nearest even (``to_bf16``).
   faster (``use_dot``), else on float32 inputs (not rounded), the two rows of each weight
   pair widened to float32 by a shift (``conv._fma_tile``) and multiplied with float32 FMAs: half
   the weight bandwidth at about float32's arithmetic rate.  Accumulation is float32 in both.
-* Winograd is not used in bf16: its transforms multiply the rounding error of the bf16
-  inputs and weights.
+* Winograd in bf16 is F(2x2, 3x3) only (``winograd2``), on ``vdpbf16ps`` where AMX does not
+  run: F(4x4, 3x3)'s transforms multiply the rounding error of the bf16 inputs and weights
+  about ninefold, F(2x2)'s about 1.5-fold.
 """
 import numpy as np
 from llvmlite import ir

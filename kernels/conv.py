@@ -20,7 +20,7 @@ from numba import carray, prange, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from . import _checks, _memory, amx, bf16, wisdom
+from . import _checks, _memory, amx, bf16, winograd2, wisdom
 from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
@@ -75,8 +75,9 @@ class PackedConv2D:
     ``panels`` (1, ceil(Cout / PANEL), KH*KW*Cin, PANEL) feeds the direct kernel; a 3x3
     kernel also has a Winograd packing (36 transformed panel sets), made on first
     use by ``winograd_panels()`` since it is four times the size.  With
-    ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16`` and
-    there is no Winograd packing.
+    ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16``, and the
+    Winograd packing is F(2x2, 3x3)'s 16 sets in bf16 (``winograd2``), made from the rounded
+    weights (twice the size of ``panels``).
     """
 
     def __init__(self, shape, panels, im2col, precision="fp32"):
@@ -114,9 +115,13 @@ class PackedConv2D:
         self._winograd = None
 
     def winograd_panels(self):
-        """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed."""
+        """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed; in bf16 F(2x2, 3x3)'s
+        (16, ceil(Cout / 64), Cin/2, 64, 2)."""
         if self._winograd is None:
-            self._winograd = pack_transformed(self.unpacked(), PANEL)  # transformed panel by panel
+            if self.precision == "bf16":
+                self._winograd = winograd2.pack_transformed(self.unpacked())
+            else:
+                self._winograd = pack_transformed(self.unpacked(), PANEL)  # transformed panel by panel
         return self._winograd
 
 
@@ -623,15 +628,16 @@ def direct_kernel(ntiles, nchunks):
     return conv2d_stream_forward if 2 <= -(-ntiles // nchunks) <= STREAM_TILES else conv2d_forward
 
 
-def winograd_starts(tiles, cin):
-    """``pixel_starts`` of Winograd's 36 products over blocks stored as (tiles, 36, cin).
+def winograd_starts(tiles, cin, products=36):
+    """``pixel_starts`` of Winograd's products (36 in F(4x4, 3x3), 16 in F(2x2, 3x3)) over blocks stored as
+    (tiles, products, cin).
 
     Returns
     -------
-    int64 (36, ceil(tiles / TILE) * TILE): product ``s`` of block ``t`` starts at ``(t*36 + s) * cin``
+    int64 (products, ceil(tiles / TILE) * TILE): product ``s`` of block ``t`` starts at ``(t*products + s) * cin``
     """
     local = np.minimum(np.arange(-(-tiles // TILE) * TILE), tiles - 1)
-    return ((local[None, :] * 36 + np.arange(36)[:, None]) * cin).astype(np.int64)
+    return ((local[None, :] * products + np.arange(products)[:, None]) * cin).astype(np.int64)
 
 
 @pjit
@@ -747,7 +753,7 @@ class Conv2DPlan:
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
     calls its ``bind`` result on every forward pass.  Calling it checks nothing.  A stride-1 3x3
-    convolution may run as Winograd F(4x4, 3x3): ``winograd=True`` or ``False``
+    convolution may run as Winograd F(4x4, 3x3) (F(2x2, 3x3) in bf16): ``winograd=True`` or ``False``
     forces the choice; by default, above ``WINOGRAD_MEASURE_FLOPS`` the faster of
     the two on this machine is taken from ``wisdom`` (measured once and recorded)
     where there are at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks to share the
@@ -756,8 +762,8 @@ class Conv2DPlan:
     ``WINOGRAD_IMAGE_TILES`` blocks an image and ``WINOGRAD_SMALL_FLOPS``.
 
     A bf16 packing (``pack_conv2d(w, precision="bf16")``) runs on AMX where ``amx.usable`` (or,
-    packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; never
-    Winograd.  On AMX and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
+    packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; a stride-1 3x3 on
+    ``vdpbf16ps`` may run as Winograd F(2x2, 3x3) in bf16 (``winograd2``), chosen as above.  On AMX and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
     ``rounded`` on each call (``rounds_input``); the widened products read the float32 input,
     padded (to an even channel count) like a float32 plan's.  ``feed`` lets one AMX plan write
     the next one's bf16 input.
@@ -779,8 +785,9 @@ class Conv2DPlan:
         cp = cin + cin % 2 if packed.precision == "bf16" else cin  # bf16 pairs never straddle two pixels
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
-        image_tiles = -(-oh // 4) * -(-ow // 4)
-        possible = _winograd_possible(packed, stride)
+        block, products, _ = _winograd_form(packed.precision)
+        image_tiles = -(-oh // block) * -(-ow // block)
+        possible = _winograd_possible(packed, stride, pads)
         if winograd is None and possible:
             winograd = winograd_choice(packed, input_shape, stride, pads)
         self.winograd = bool(winograd) and possible
@@ -791,20 +798,23 @@ class Conv2DPlan:
         self.measure_split = True                 # a small direct convolution's split from ``wisdom``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
-            # pad to whole 6x6 input blocks: 4 * blocks + 2 rows and columns
-            self.tiles_w = -(-ow // 4)
-            hp, wp = 4 * -(-oh // 4) + 2, 4 * self.tiles_w + 2
+            # pad to whole input blocks (6x6 in float32, 4x4 in bf16): block * blocks + 2 rows and columns
+            self.tiles_w = -(-ow // block)
+            hp, wp = block * -(-oh // block) + 2, block * self.tiles_w + 2
             self.pads = (top, hp - h - top, left, wp - w - left)
             # a few images at a time, so the transformed blocks stay in cache
-            self.images = max(1, min(n, WINOGRAD_BYTES // (36 * image_tiles * max(cin, cout) * 4)))
-            self.v = _memory.empty(36 * self.images * image_tiles * cin)
-            self.m = _memory.empty(36 * self.images * image_tiles * cout)
-            self.image_tiles = image_tiles
+            self.images = max(1, min(n, WINOGRAD_BYTES // (products * image_tiles * max(cin, cout) * 4)))
+            self.v = _memory.empty(products * self.images * image_tiles * cin,
+                                   np.uint16 if packed.precision == "bf16" else np.float32)
+            self.m = _memory.empty(products * self.images * image_tiles * cout)
+            self.image_tiles, self.products = image_tiles, products
+            self.transforms = ((winograd2.input_transform_forward, winograd2.output_transform_forward)
+                               if packed.precision == "bf16" else (input_transform_forward, output_transform_forward))
             self.panels = packed.winograd_panels()
             self.no_bias = np.zeros(cout, np.float32)
             # the products run as 36 "images" of tiles x 1, each with its weights: starts for a full
             # group of images and the last
-            self.starts = {t: winograd_starts(t, cin)
+            self.starts = {t: winograd_starts(t, cin, products)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}
         elif packed.precision == "bf16":  # on AMX and vdpbf16ps, the input rounded to bf16 while padded
             self.amx = amx.usable((kh, kw), cin, stride, pads) or packed.im2col
@@ -841,7 +851,9 @@ class Conv2DPlan:
         self._splits = {}
         self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
-        if packed.precision == "bf16":
+        if packed.precision == "bf16" and self.winograd:
+            self.kernel = f"bf16 winograd F(2x2,3x3) {TILE}x{PANEL} {ISA} {bf16.kernel()}"
+        elif packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
                            if self.amx else bf16.description())
         self._kernel = self.kernel  # ``bind`` adds ", streamed" where the split runs ``conv2d_stream_forward``
@@ -951,17 +963,18 @@ class Conv2DPlan:
         if self.winograd:
             for first in range(0, out.shape[0], self.images):
                 last = min(out.shape[0], first + self.images)
-                tiles = (last - first) * self.image_tiles
-                v = self.v[: 36 * tiles * x.shape[3]].reshape(tiles, 36, 1, x.shape[3])
-                m = self.m[: 36 * tiles * out.shape[3]].reshape(36, 1, tiles, out.shape[3])
+                tiles, products = (last - first) * self.image_tiles, self.products
+                v = self.v[: products * tiles * x.shape[3]].reshape(tiles, products, 1, x.shape[3])
+                m = self.m[: products * tiles * out.shape[3]].reshape(products, 1, tiles, out.shape[3])
                 starts = self.starts[tiles]
                 res = residual if residual.size == 0 else residual[first:last]
-                calls.append((input_transform_forward, (v[:, :, 0], x[first:last], self.tiles_w)))
+                input_transform, output_transform = self.transforms
+                calls.append((input_transform, (v[:, :, 0], x[first:last], self.tiles_w)))
                 runs, ntiles = self._tiles(starts)
                 split = self._split(self.panels, runs, ntiles)
                 kernel = direct_kernel(ntiles, split[0])  # (streamed at 224x224 stage 4: 3 tiles)
                 calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split)))
-                calls.append((output_transform_forward, (out[first:last], m[:, 0], bias, res, relu)))
+                calls.append((output_transform, (out[first:last], m[:, 0], bias, res, relu)))
             return calls
         if self.cols is not None:
             calls.append((im2col_forward, (self.cols, x, kh, kw, self.stride)))
@@ -1019,18 +1032,32 @@ def evict_forward(array):
         evict_line(flat, i)
 
 
-def _winograd_possible(packed, stride):
-    """Whether the convolution can run as Winograd F(4x4, 3x3): a stride-1 3x3 in float32, not gathered."""
-    return tuple(packed.kernel_size) == (3, 3) and stride == 1 and not packed.im2col and packed.precision == "fp32"
+def _winograd_form(precision):
+    """(output block size, products, bytes per transformed weight) of the Winograd a precision runs:
+    F(4x4, 3x3) in float32, F(2x2, 3x3) in bf16 (``winograd2``: F(4x4)'s transforms multiply bf16's
+    rounding error about ninefold)."""
+    return (2, 16, 2) if precision == "bf16" else (4, 36, 4)
+
+
+def _winograd_possible(packed, stride, pads):
+    """Whether the convolution can run as Winograd: a stride-1 3x3, not gathered; in bf16 only on ``vdpbf16ps``
+    (``bf16.use_dot``), with an even channel count, where AMX does not take the layer."""
+    if tuple(packed.kernel_size) != (3, 3) or stride != 1 or packed.im2col:
+        return False
+    if packed.precision == "bf16":
+        return packed.in_channels % 2 == 0 and bf16.use_dot() and not amx.usable((3, 3), packed.in_channels, 1, pads)
+    return True
 
 
 def winograd_choice(packed, input_shape, stride, pads):
-    """Whether ``Conv2DPlan`` runs this convolution as Winograd F(4x4, 3x3) when not told (see its docstring).
+    """Whether ``Conv2DPlan`` runs this convolution as Winograd (F(4x4, 3x3); F(2x2, 3x3) in bf16) when not told
+    (see its docstring).
 
     The rule, or above ``WINOGRAD_MEASURE_FLOPS`` the recorded or measured faster (``wisdom``); it
-    needs the direct packing (``packed.panels``) where it measures.
+    needs the direct packing (``packed.panels``) where it measures.  The rule's sizes count 4x4 output blocks
+    whatever the form.
     """
-    if not _winograd_possible(packed, stride):
+    if not _winograd_possible(packed, stride, pads):
         return False
     n, h, w, _ = input_shape
     top, bottom, left, right = pads
@@ -1038,10 +1065,11 @@ def winograd_choice(packed, input_shape, stride, pads):
     oh, ow = h + top + bottom - 2, w + left + right - 2
     image_tiles = -(-oh // 4) * -(-ow // 4)
     flops = 2 * n * oh * ow * 9 * cin * cout
-    # too few blocks to share its 4x larger weights: a timing with the weights hot in cache
-    # would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
+    # too few blocks to share its larger weights (4x the direct ones in float32): a timing with the weights
+    # hot in cache would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
+    block, products, weight_bytes = _winograd_form(packed.precision)
     blocks = n * image_tiles
-    shared = 36 * cin * cout * 4 <= WINOGRAD_BLOCK_BYTES * blocks
+    shared = products * cin * cout * weight_bytes <= WINOGRAD_BLOCK_BYTES * n * -(-oh // block) * -(-ow // block)
     large = blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
     wide = image_tiles >= WINOGRAD_IMAGE_TILES and flops >= WINOGRAD_SMALL_FLOPS
     rule = shared and (large or wide)
@@ -1052,7 +1080,8 @@ def winograd_choice(packed, input_shape, stride, pads):
 def _measured_winograd(packed, input_shape, pads, rule):
     """Winograd or direct for this stride-1 3x3 convolution: the recorded or measured faster one."""
     threads = get_num_threads()
-    key = f"conv3x3 {'x'.join(map(str, input_shape))}->{packed.out_channels} pads {','.join(map(str, pads))}"
+    key = (f"conv3x3 {'x'.join(map(str, input_shape))}->{packed.out_channels} pads {','.join(map(str, pads))}"
+           + ("" if packed.precision == "fp32" else f" {packed.precision}"))
     known = wisdom.lookup(f"{MACHINE} | {threads} threads", key)
     if known is not None or wisdom.mode() != "measure":
         return {"winograd": True, "direct": False}.get(known, rule)

@@ -106,3 +106,32 @@ def conv2d_bf16(x, w, bias=None, stride=1, padding="valid", relu=False, residual
     """``conv2d`` with w (and x, with ``round_input``) rounded to bf16 first; products and sums in float64,
     bias/residual/ReLU exact."""
     return conv2d(bf16_round(x) if round_input else x, bf16_round(w), bias, stride, padding, relu, residual)
+
+
+def winograd2_bf16(x, w, bias=None, padding="valid", relu=False, residual=None):
+    """A stride-1 3x3 convolution as Winograd F(2x2, 3x3) in bf16: ``G bf16(w) G^T`` and ``B^T d B`` each rounded
+    to bf16, the products summed and ``A^T . A`` applied in float64, then bias, residual and ReLU.  ``B^T d B``
+    is summed in float32 in the kernel's order (B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+    so that both round the same float32 values to bf16."""
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    at = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
+    if padding == "same":
+        x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    n, h, wd, _ = x.shape
+    oh, ow = h - 2, wd - 2
+    th, tw = -(-oh // 2), -(-ow // 2)
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
+    u = bf16_round(np.einsum("ai,ijco,bj->abco", g, bf16_round(w), g))
+    d = np.stack([np.stack([x[:, 2 * a:2 * a + 4, 2 * b:2 * b + 4] for b in range(tw)], 1) for a in range(th)], 1)
+    d = d.astype(np.float32)                                                          # (n, th, tw, 4, 4, C)
+    e = np.stack([d[:, :, :, 0] - d[:, :, :, 2], d[:, :, :, 1] + d[:, :, :, 2],       # B^T d, in float32 as
+                  d[:, :, :, 2] - d[:, :, :, 1], d[:, :, :, 1] - d[:, :, :, 3]], 3)   # the kernel sums it
+    v = bf16_round(np.stack([e[..., 0, :] - e[..., 2, :], e[..., 1, :] + e[..., 2, :],
+                             e[..., 2, :] - e[..., 1, :], e[..., 1, :] - e[..., 3, :]], 4))
+    y = np.einsum("ia,npqabo,jb->npiqjo", at, np.einsum("npqabc,abco->npqabo", v, u), at)
+    out = y.reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+    if bias is not None:
+        out = out + bias
+    if residual is not None:
+        out = out + residual
+    return np.maximum(out, 0) if relu else out

@@ -11,7 +11,7 @@ import fastres.kernels as K
 import keras_models as km
 import naive
 from conftest import assert_close
-from fastres.kernels import _numba, bf16
+from fastres.kernels import _numba, amx, bf16
 
 # The bf16 convolution against naive.conv2d_bf16 (w, and x where the kernel rounds it, rounded the same
 # way, float64 sums): only the order and precision of the float32 accumulation differ, so the error is
@@ -132,10 +132,56 @@ def test_bf16_packing_holds_the_rounded_weights_in_half_the_bytes(rng):
     assert half.panels.dtype == np.uint16 and half.panels.nbytes * 2 == fp32.panels.nbytes
 
 
+def winograd_in_bf16(cin, pads=(1, 1, 1, 1)):
+    """Whether a bf16 stride-1 3x3 can run as Winograd F(2x2, 3x3) here: on vdpbf16ps, where AMX does not take it."""
+    return cin % 2 == 0 and bf16.use_dot() and not amx.usable((3, 3), cin, 1, pads)
+
+
+WINOGRAD_CASES = {  # name: (input shape, Cout, residual)
+    "56x56x64": ((1, 56, 56, 64), 64, True),
+    "odd sizes, batch 2": ((2, 7, 9, 32), 70, True),
+    "40 channels (a vector tail)": ((1, 6, 7, 40), 24, False),
+    "7x7x512": ((1, 7, 7, 512), 96, False),
+}
+
+
+@pytest.mark.parametrize("name", list(WINOGRAD_CASES))
+def test_bf16_winograd_matches_naive_winograd2(name, rng):
+    xs, cout, with_residual = WINOGRAD_CASES[name]
+    x = rng.standard_normal(xs, dtype=np.float32)
+    w = rng.standard_normal((3, 3, xs[3], cout), dtype=np.float32)
+    b = rng.standard_normal(cout, dtype=np.float32)
+    plan = K.Conv2DPlan(K.pack_conv2d(w, precision="bf16"), xs, 1, (1, 1, 1, 1), winograd=True)
+    assert plan.winograd == winograd_in_bf16(xs[3])
+    if not plan.winograd:
+        pytest.skip("no Winograd in bf16 on this CPU: it needs vdpbf16ps without AMX (the direct kernels are tested above)")
+    assert "winograd F(2x2,3x3)" in plan.kernel and plan.panels.shape[0] == 16
+    residual = rng.standard_normal(plan.output_shape, dtype=np.float32) if with_residual else None
+    got = np.empty(plan.output_shape, np.float32)
+    plan(got, x, b, K.NO_RESIDUAL if residual is None else residual, True)
+    want = naive.winograd2_bf16(x, w, b, "same", relu=True, residual=residual)
+    assert_close(got, want, rtol=KERNEL_RTOL)
+    # the roundings are there: against the float32 convolution it is off by a few 2^-9
+    exact = naive.conv2d(x, w, b, 1, "same", relu=True, residual=residual)
+    assert np.abs(got - exact).max() > 1e-4 * np.abs(exact).max()
+
+
+def test_bf16_winograd_keeps_its_roundings_near_the_direct_ones(rng):
+    """F(2x2, 3x3) in bf16 against the float64 convolution, beside the direct bf16 kernel: on post-ReLU inputs
+    and He-normal weights its error is about 1.5x the direct one's (F(4x4) in bf16 would be about 9x)."""
+    x = np.maximum(rng.standard_normal((1, 28, 28, 128), dtype=np.float32), 0)
+    w = rng.standard_normal((3, 3, 128, 128), dtype=np.float32) * np.float32(np.sqrt(2 / (9 * 128)))
+    exact = naive.conv2d(x, w, None, 1, "same")
+    rms = lambda e: np.sqrt(np.mean(e ** 2)) / np.sqrt(np.mean(exact ** 2))
+    direct = rms(naive.conv2d_bf16(x, w, None, 1, "same") - exact)
+    winograd = rms(naive.winograd2_bf16(x, w, None, "same") - exact)
+    assert 1e-3 < direct < winograd < 2 * direct
+
+
 def test_bf16_plan_reports_its_kernel():
     plan = K.Conv2DPlan(K.pack_conv2d(np.ones((3, 3, 8, 8), np.float32), precision="bf16"), (1, 8, 8, 8), 1,
                         (1, 1, 1, 1))
-    assert not plan.winograd   # never in bf16: its transforms amplify the rounding
+    assert not plan.winograd   # too small for Winograd's transforms to pay
     assert "bf16" in plan.kernel
     assert bf16.kernel() == ("vdpbf16ps" if bf16.use_dot() else "bf16 weights widened to fp32 FMA")
     assert plan.rounds_input == (plan.amx or bf16.use_dot())  # the widened weights take float32 inputs

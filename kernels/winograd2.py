@@ -1,0 +1,210 @@
+"""Winograd F(2x2, 3x3) in bf16, for stride-1 3x3 convolutions on ``vdpbf16ps``.
+
+Each 2x2 block of output comes from a 4x4 block of padded input:
+``Y = A^T [(G g G^T) * (B^T d B)] A``.  The 16 element-wise products, summed over input
+channels, run on the direct kernel as 16 "images" of 1x1 convolutions with their own bf16
+weights (as ``winograd``'s F(4x4, 3x3) runs its 36 in float32): 2.25x fewer multiplications
+than the direct convolution.  The transformed weights ``G g G^T`` are rounded to bf16 at pack
+time, the transformed inputs ``B^T d B`` as they are made; the sums are float32, and ``A^T .. A``,
+the bias, the residual and the ReLU are applied in float32.
+
+Why F(2x2) and not F(4x4) in bf16: the transforms' coefficients (0, +-1, 1/2 here; up to 8
+and 5 in F(4x4)) multiply the rounding error.  On a 28x28x128 layer (He-normal weights,
+inputs after a ReLU, against float64), the error's RMS relative to the output's: direct bf16
+(weights and inputs rounded) 2.4e-3, F(2x2) 3.4e-3, F(4x4) 2.1e-2.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from . import _memory
+from ._numba import VECTOR_FLOATS, inline, jit, pjit
+from ._tile import rounded_vector
+from .bf16 import pack_bf16
+from .winograd import _is_flat, _Vector
+
+PRODUCTS = 16  # (2 + 2) x (2 + 2)
+BLOCK = 2      # output rows and columns of a block
+
+# G (4x3): the kernel transform
+_G = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]])
+
+
+def pack_transformed(w):
+    """``G g G^T`` of a (3, 3, Cin, Cout) kernel, rounded to bf16 and packed for the direct kernel.
+
+    Returns uint16 (16, ceil(Cout / PANEL), Cin/2, PANEL, 2), 64-byte aligned: ``bf16.pack_bf16``'s
+    panels with a weight set per product (element ``4a + b`` of the transform).  Cin must be even.
+    """
+    if w.shape[2] % 2:
+        raise ValueError(f"winograd2.pack_transformed: {w.shape[2]} input channels, an even count is needed")
+    w = w.astype(np.float64)
+    rows = [sum(_G[a, i] * w[i] for i in range(3) if _G[a, i]) for a in range(4)]       # G g: (3 columns, Cin, Cout)
+    first = None
+    for a in range(4):
+        for b in range(4):
+            u = sum(_G[b, j] * rows[a][j] for j in range(3) if _G[b, j])                  # (G g G^T)[a, b]
+            one = pack_bf16(u.astype(np.float32)[None, None])
+            if first is None:
+                first = _memory.empty((PRODUCTS, *one.shape[1:]), np.uint16)
+            first[4 * a + b] = one[0]
+    return first
+
+
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bits of a float32, as a uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+@inline
+def _rounded(value):
+    """bf16 bits of a float32 value (``bf16.to_bf16``: nearest, ties to even; a NaN stays a NaN), without a
+    branch, so that the loops calling it vectorise."""
+    bits = np.uint32(_float_bits(value))
+    nan = bits & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000)
+    near = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint16(((bits >> np.uint32(16)) | np.uint32(0x40)) if nan else near)
+
+
+@jit
+def _bt(d0, d1, d2, d3):
+    """B^T applied to one column of four values: B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@intrinsic
+def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
+    """``bf16(B^T d B)`` of ``VECTOR_FLOATS`` channels of one 4x4 block, in vector registers: ``d[i][j]`` at
+    ``x[src + i * row + j * pixel]``, element ``4i + j`` of the result at ``flat[out + (4i + j) * pixel]``.
+
+    Written as explicit vectors: as a Numba loop over channels (16 loads and 16 stores a channel, in two
+    arrays LLVM cannot tell apart) it stayed scalar, 0.7 ms for 56x56x64 (Zen 4).
+    """
+    if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C" and flat.dtype == types.uint16
+            and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        vector, halves = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
+        x_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        out_at, src_at, row_step, pixel_step = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                                for k in (1, 3, 4, 5))
+
+        def load(i, j):
+            at = builder.add(src_at, builder.add(builder.mul(i64(i), row_step), builder.mul(i64(j), pixel_step)))
+            return _Vector(builder, builder.load(builder.bitcast(builder.gep(x_data, [at]), vector.as_pointer()), align=4))
+
+        d = [[load(i, j) for j in range(4)] for i in range(4)]
+        columns = [_bt.py_func(*(d[i][j] for i in range(4))) for j in range(4)]   # (B^T d)[:, j]
+        for i in range(4):
+            for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(4)))):  # row i of (B^T d) B
+                at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
+                place = builder.bitcast(builder.gep(out_data, [at]), halves.as_pointer())
+                builder.store(rounded_vector(builder, value.value), place, align=2)
+        return context.get_dummy_value()
+
+    return types.void(flat, out, x, src, row, pixel), codegen
+
+
+@pjit
+def input_transform_forward(v, inp, tiles_w):
+    """``v[t, 4i + j, c] = bf16((B^T d B)[i, j])`` for every 4x4 input block ``d`` (blocks 2 apart) of every channel.
+
+    ``VECTOR_FLOATS`` channels at a time in vector registers (``_input_block_vectors``), a last few one by one.
+
+    Parameters
+    ----------
+    v : uint16 (N*TH*TW, 16, C), written
+    inp : float32 (N, 2*TH + 2, 2*TW + 2, C), padded (TH, TW: blocks down and across)
+    tiles_w : int, TW
+    """
+    n, hp, wp, c = inp.shape
+    tiles = v.shape[0]
+    tiles_h = tiles // (n * tiles_w)
+    x, flat = inp.reshape(-1), v.reshape(-1)
+    vectors = c - c % VECTOR_FLOATS
+    for t in prange(tiles):
+        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
+        top = ((img * hp + rest // tiles_w * BLOCK) * wp + rest % tiles_w * BLOCK) * c
+        o = t * PRODUCTS * c
+        for ch in range(0, vectors, VECTOR_FLOATS):
+            _input_block_vectors(flat, o + ch, x, top + ch, wp * c, c)
+        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
+        for ch in range(vectors, c):
+            d = inp[img, y0:y0 + 4, x0:x0 + 4, ch]  # (4, 4)
+            c0, c1 = _bt(d[0, 0], d[1, 0], d[2, 0], d[3, 0]), _bt(d[0, 1], d[1, 1], d[2, 1], d[3, 1])  # B^T down columns
+            c2, c3 = _bt(d[0, 2], d[1, 2], d[2, 2], d[3, 2]), _bt(d[0, 3], d[1, 3], d[2, 3], d[3, 3])
+            for i in range(4):  # then B across each row
+                r = _bt(c0[i], c1[i], c2[i], c3[i])
+                for k in range(4):
+                    v[t, 4 * i + k, ch] = _rounded(r[k])
+
+
+@pjit
+def output_transform_forward(out, m, bias, residual, relu):
+    """``out = relu?(A^T m A + bias + residual)`` for every 2x2 output block.
+
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].  A block cut by the edge (an odd output size) writes its
+    missing row or column onto the last one it has, before the right values (all of a channel's reads
+    come before its writes, so ``out`` may be ``residual``).
+
+    Parameters
+    ----------
+    out : float32 (N, OH, OW, Cout), written
+    m : float32 (16, N*TH*TW, Cout), the 16 products summed over input channels
+    bias : float32 (Cout,)
+    residual : float32 (N, OH, OW, Cout), or (0, 0, 0, 0) for none
+    relu : bool
+    """
+    _, oh, ow, cout = out.shape
+    tiles = m.shape[1]
+    tiles_h, tiles_w = (oh + 1) // BLOCK, (ow + 1) // BLOCK
+    has_residual = residual.size > 0
+    flat, y = m.reshape(-1), out.reshape(-1)
+    res = residual.reshape(-1) if has_residual else y  # (read only when has_residual)
+    plane = tiles * cout  # the products' offsets, unsigned
+    p1, p2, p3, p4, p5 = np.uint64(plane), np.uint64(2 * plane), np.uint64(3 * plane), np.uint64(4 * plane), np.uint64(5 * plane)
+    p6, p7, p8, p9, p10 = np.uint64(6 * plane), np.uint64(7 * plane), np.uint64(8 * plane), np.uint64(9 * plane), np.uint64(10 * plane)
+    p11, p12, p13, p14, p15 = (np.uint64(11 * plane), np.uint64(12 * plane), np.uint64(13 * plane), np.uint64(14 * plane),
+                               np.uint64(15 * plane))
+    zero = np.float32(0.0)
+    for t in prange(tiles):
+        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
+        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
+        y1, x1 = min(y0 + 1, oh - 1), min(x0 + 1, ow - 1)
+        # unsigned offsets: no negative-index test per load, and the loop over channels vectorises
+        o00, o01 = np.uint64(((img * oh + y0) * ow + x0) * cout), np.uint64(((img * oh + y0) * ow + x1) * cout)
+        o10, o11 = np.uint64(((img * oh + y1) * ow + x0) * cout), np.uint64(((img * oh + y1) * ow + x1) * cout)
+        m0 = np.uint64(t * cout)
+        for chi in range(cout):
+            ch = np.uint64(chi)
+            k = m0 + ch
+            # A^T down each column, then across each row
+            a0 = flat[k] + flat[k + p4] + flat[k + p8]
+            b0 = flat[k + p4] - flat[k + p8] - flat[k + p12]
+            a1 = flat[k + p1] + flat[k + p5] + flat[k + p9]
+            b1 = flat[k + p5] - flat[k + p9] - flat[k + p13]
+            a2 = flat[k + p2] + flat[k + p6] + flat[k + p10]
+            b2 = flat[k + p6] - flat[k + p10] - flat[k + p14]
+            a3 = flat[k + p3] + flat[k + p7] + flat[k + p11]
+            b3 = flat[k + p7] - flat[k + p11] - flat[k + p15]
+            v00, v01 = a0 + a1 + a2 + bias[ch], a1 - a2 - a3 + bias[ch]
+            v10, v11 = b0 + b1 + b2 + bias[ch], b1 - b2 - b3 + bias[ch]
+            if has_residual:
+                v00, v01, v10, v11 = v00 + res[o00 + ch], v01 + res[o01 + ch], v10 + res[o10 + ch], v11 + res[o11 + ch]
+            if relu:
+                v00, v01, v10, v11 = max(v00, zero), max(v01, zero), max(v10, zero), max(v11, zero)
+            y[o11 + ch] = v11
+            y[o10 + ch] = v10
+            y[o01 + ch] = v01
+            y[o00 + ch] = v00

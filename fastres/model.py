@@ -605,7 +605,8 @@ def _feed_convolutions(ops, output, convs):
 
 
 def _release_direct(model, name, conv):
-    """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size.
+    """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size
+    (1/2 in bf16).
 
     Called where Winograd is chosen for one image, so for every batch size (``_steps``), in a model of
     one input size: the model's packing is replaced by a copy without the direct panels, and every

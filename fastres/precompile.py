@@ -98,7 +98,9 @@ def compile_all():
     x = np.ones((1, 12, 12, 16), np.float32)
     for packed, winograd in ((K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32)), True),
                              (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), im2col=True), False),
-                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), precision="bf16"), False)):
+                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), precision="bf16"), False),
+                             # bf16 Winograd F(2x2, 3x3) where it can run (else the same direct plan again)
+                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), precision="bf16"), True)):
         plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=winograd)
         out = np.empty(plan.output_shape, np.float32)
         plan(out, x, np.zeros(16, np.float32), np.ones_like(out), True)

@@ -763,7 +763,8 @@ class Conv2DPlan:
 
     A bf16 packing (``pack_conv2d(w, precision="bf16")``) runs on AMX where ``amx.usable`` (or,
     packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; a stride-1 3x3 on
-    ``vdpbf16ps`` may run as Winograd F(2x2, 3x3) in bf16 (``winograd2``), chosen as above.  On AMX and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
+    ``vdpbf16ps`` may run as Winograd F(2x2, 3x3) in bf16 (``winograd2``), chosen as above.  On AMX
+    and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
     ``rounded`` on each call (``rounds_input``); the widened products read the float32 input,
     padded (to an even channel count) like a float32 plan's.  ``feed`` lets one AMX plan write
     the next one's bf16 input.
@@ -812,7 +813,7 @@ class Conv2DPlan:
                                if packed.precision == "bf16" else (input_transform_forward, output_transform_forward))
             self.panels = packed.winograd_panels()
             self.no_bias = np.zeros(cout, np.float32)
-            # the products run as 36 "images" of tiles x 1, each with its weights: starts for a full
+            # the products run as 36 (16) "images" of tiles x 1, each with its weights: starts for a full
             # group of images and the last
             self.starts = {t: winograd_starts(t, cin, products)
                            for t in {self.images * image_tiles, (n % self.images or self.images) * image_tiles}}

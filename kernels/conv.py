@@ -77,7 +77,7 @@ class PackedConv2D:
     use by ``winograd_panels()`` since it is four times the size.  With
     ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16``, and the
     Winograd packing is F(2x2, 3x3)'s 16 sets in bf16 (``winograd2``), made from the rounded
-    weights (twice the size of ``panels``).
+    weights (16/9 the size of ``panels``).
     """
 
     def __init__(self, shape, panels, im2col, precision="fp32"):

@@ -41,15 +41,15 @@ def pack_transformed(w):
         raise ValueError(f"winograd2.pack_transformed: {w.shape[2]} input channels, an even count is needed")
     w = w.astype(np.float64)
     rows = [sum(_G[a, i] * w[i] for i in range(3) if _G[a, i]) for a in range(4)]       # G g: (3 columns, Cin, Cout)
-    first = None
+    panels = None
     for a in range(4):
         for b in range(4):
             u = sum(_G[b, j] * rows[a][j] for j in range(3) if _G[b, j])                  # (G g G^T)[a, b]
             one = pack_bf16(u.astype(np.float32)[None, None])
-            if first is None:
-                first = _memory.empty((PRODUCTS, *one.shape[1:]), np.uint16)
-            first[4 * a + b] = one[0]
-    return first
+            if panels is None:
+                panels = _memory.empty((PRODUCTS, *one.shape[1:]), np.uint16)
+            panels[4 * a + b] = one[0]
+    return panels
 
 
 @intrinsic

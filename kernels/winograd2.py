@@ -135,11 +135,11 @@ def input_transform_forward(v, inp, tiles_w):
     vectors = c - c % VECTOR_FLOATS
     for t in prange(tiles):
         img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        top = ((img * hp + rest // tiles_w * BLOCK) * wp + rest % tiles_w * BLOCK) * c
+        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
+        top = ((img * hp + y0) * wp + x0) * c
         o = t * PRODUCTS * c
         for ch in range(0, vectors, VECTOR_FLOATS):
             _input_block_vectors(flat, o + ch, x, top + ch, wp * c, c)
-        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
         for ch in range(vectors, c):
             d = inp[img, y0:y0 + 4, x0:x0 + 4, ch]  # (4, 4)
             c0, c1 = _bt(d[0, 0], d[1, 0], d[2, 0], d[3, 0]), _bt(d[0, 1], d[1, 1], d[2, 1], d[3, 1])  # B^T down columns

@@ -73,6 +73,23 @@ def test_to_bf16_matches_ml_dtypes_and_from_bf16_is_exact(rng):
     np.testing.assert_array_equal(bf16.to_bf16(wide[finite]), every[finite])
 
 
+@pytest.mark.parametrize("shape,channels,top,left", [
+    ((2, 9, 13, 3), 4, 3, 2),     # the stem's 3 channels made 4 (its own path)
+    ((1, 7, 5, 5), 6, 1, 0),      # another odd count made even
+    ((1, 6, 7, 8), 8, 1, 1),      # no extra channel
+    ((1, 4, 4, 16), 16, 0, 0),    # no border
+])
+def test_pad_to_bf16_rounds_into_the_middle_and_zeros_the_rest(shape, channels, top, left, rng):
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x.reshape(-1)[::7] = _bits([0x7F800001])[0]   # NaNs, which must stay NaNs
+    n, h, w, c = shape
+    out = np.full((n, h + top + 2, w + left + 1, channels), 0xFFFF, np.uint16)  # 0xFFFF: written or not
+    bf16.pad_to_bf16_forward(out, x.view(np.uint32), top, left)
+    expected = np.zeros_like(out)
+    expected[:, top:top + h, left:left + w, :c] = bf16.to_bf16(x)
+    np.testing.assert_array_equal(out, expected)
+
+
 # ------------------------------------------------------------------ the bf16 convolution
 
 CASES = {  # name: (input shape, kernel shape, stride, padding, residual)

@@ -305,6 +305,55 @@ def test_a_batch_runs_the_same_whatever_ran_before(rng):
         np.testing.assert_array_equal(got, want)
 
 
+# ------------------------------------------------------------------ a batch cut in two (model.HeadPlan)
+
+@pytest.mark.parametrize("size,batch,cut", [
+    (224, 1, None), (224, 2, None),     # a batch's values there fit in the cache: one plain plan
+    (224, 4, "conv2_block3_out"),        # 56x56x256 values, 12.8 MB for the batch: stage 2 image by image
+    (224, 8, "conv3_block4_out"),        # and 28x28x512 ones (12.8 MB): stages 2 and 3
+    (224, 64, "conv3_block4_out"),       # never stage 4: 0.8 MB an image, too little work for a call
+    (64, 256, None),                     # 64x64: no value of an image reaches 1 MiB
+])
+def test_a_large_batch_is_cut_between_two_resnet_stages(size, batch, cut):
+    """``_head`` cuts ResNet50 only where one value is all that goes on, and only where the batch's values
+    would leave the cache (``HEAD_IMAGE_BYTES``, ``HEAD_BATCH_BYTES``)."""
+    from fastres import architectures, graph, model
+
+    layers = architectures._applications(architectures.BLOCKS["resnet50"], 1000, "softmax")
+    shapes = graph.infer_shapes(layers, (size, size, 3))
+    assert model._head(layers, layers[-1].name, shapes, batch) == cut
+
+
+@pytest.fixture(scope="module")
+def resnet50_160(files):
+    keras = km.keras3()
+    path = files / "resnet50_160.keras"
+    return build_and_save(keras, lambda: km.applications_resnet(keras, 50, (160, 160, 3), classes=10), 11, path), path
+
+
+def test_a_large_batch_runs_its_first_stage_image_by_image(resnet50_160, monkeypatch):
+    """At 160x160 stage 2's values are 1.6 MB an image: a batch of 6 runs stage 2 image by image and the rest
+    as a batch, with the plain plan's results to the bit, Keras's within the usual bound, in less memory, and
+    profiled layer by layer as the plain plan is."""
+    from fastres import model as engine
+
+    keras_model, path = resnet50_160
+    x = images((6, 160, 160, 3), seed=12)
+    fr = fastres.load(path)
+    got = fr.predict(x)
+    plan = fr._local.plans[x.shape]
+    assert isinstance(plan, engine.HeadPlan) and plan.cut == "conv2_block3_3_conv"  # the fused block output
+    assert_matches(got, keras_model(x, training=False))
+    cut_bytes = engine.plan_bytes(fr._ops, fr._output, x.shape)
+    profile = fr.profile(x, runs=1)
+    assert [name for name, _ in profile] == [op.name for op in fr._ops if op.kind != "InputLayer"]
+    monkeypatch.setattr(engine, "HEAD_BATCH_BYTES", 1 << 62)   # no cut: one plain plan
+    plain = fastres.load(path)
+    np.testing.assert_array_equal(got, plain.predict(x))
+    assert type(plain._local.plans[x.shape]) is engine.Plan
+    assert cut_bytes < engine.plan_bytes(plain._ops, plain._output, x.shape)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])
 def test_kernels_read_straight_into_panels(chunk_bytes, precision, files, monkeypatch):

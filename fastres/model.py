@@ -29,8 +29,8 @@ SLOT_STAGGER = 1088
 # A batch runs its first layers image by image and the rest as one batch (``_head``), where the values there
 # are large: an image's value at the cut at least HEAD_IMAGE_BYTES (each call still has an image's worth of
 # work) and the batch's at least HEAD_BATCH_BYTES (a batch of them would not stay in the cache between
-# layers, while the layers' weights are small).  ResNet50 224x224 batch 8, cut after stage 3: 0.957x the
-# time in fp32, 0.957x in bf16; batch 2 (not cut by this rule) 1.0x; 64x64 batch 8 cut there 1.14x (Zen 4)
+# layers, while the layers' weights are small).  ResNet50 224x224 batch 8, cut after stage 3: 0.961x the
+# time in fp32, 0.917x in bf16; batch 2 (not cut by this rule) 1.0x; 64x64 batch 8 cut there 1.14x (Zen 4)
 HEAD_IMAGE_BYTES = 1 << 20
 HEAD_BATCH_BYTES = 8 << 20
 

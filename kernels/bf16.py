@@ -84,7 +84,7 @@ def pad_to_bf16_forward(out, inp, top, left):
             if c == cp:
                 for k in range(middle.size):
                     middle[k] = _bf16_bits(src[k])
-            elif c == 3 and cp == 4:  # the stem's 3 channels made 4: a pixel is one uint64, built in vectors
+            elif c == 3 and cp == 4:  # the stem's 3 channels made 4: a pixel is one uint64 (little-endian), built in vectors
                 pixels = middle.view(np.uint64)
                 for xx in range(np.uint64(w)):
                     i = np.uint64(3) * xx

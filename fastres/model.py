@@ -417,16 +417,22 @@ def _pack_stored(kernel, precision="fp32", chunk_bytes=1 << 20):
     return K.PackedConv2D(shape, panels, False, precision)
 
 
-def _layout(ops, output, shapes, n):
-    """Buffers of one forward pass: (slot of each value, size of each slot in floats).
-
-    A value's slot is reused once its last reader has run; a Flatten is a view of its input.
-    """
+def _last_uses(ops, output):
+    """The index of the last operation that reads each value (an input or a residual); ``len(ops)`` for ``output``."""
     last_use = {}
     for i, op in enumerate(ops):
         for name in op.inputs + ([op.residual] if op.residual else []):
             last_use[name] = i
     last_use[output] = len(ops)
+    return last_use
+
+
+def _layout(ops, output, shapes, n):
+    """Buffers of one forward pass: (slot of each value, size of each slot in floats).
+
+    A value's slot is reused once its last reader has run; a Flatten is a view of its input.
+    """
+    last_use = _last_uses(ops, output)
     slots, free, slot_of, users = [], [], {}, {}
     for i, op in enumerate(ops):
         if op.kind == "Flatten":
@@ -551,10 +557,7 @@ def _head(ops, output, shapes, n):
     """
     if n < 2:
         return None
-    last_use = {output: len(ops)}
-    for i, op in enumerate(ops):
-        for name in op.inputs + ([op.residual] if op.residual else []):
-            last_use[name] = max(last_use.get(name, i), i)
+    last_use = _last_uses(ops, output)
     cut, live = None, set()
     for i, op in enumerate(ops[:-1]):
         live = {name for name in live | {op.name} if last_use.get(name, -1) > i}

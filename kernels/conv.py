@@ -44,6 +44,13 @@ STREAM_ROWS = max(64, 8192 // (4 * PANEL))
 # last tile of 6.  At 64x64 stage 4 (6 + 6 + 4 pixels) 0.87-0.94x the time, the whole pass 0.97x; 7x7
 # layers 0.98-1.0x (Zen 3, same process)
 NARROW_TILE = TILE - 2
+# ``conv2d_forward`` fetches the next panel during a panel's passes from cache where a panel holds more than
+# FETCH_MIN_BYTES and at most FETCH_MAX_BYTES.  Without it the first pass of each panel waits on memory:
+# float32 7x7x512 -> 2048 (128 KiB panels) took 0.95-0.99x the time with it, 14x14x256 -> 1024 (64 KiB)
+# 0.97-0.99x, bf16 7x7x512 -> 2048 0.96x (Zen 4, weights evicted, same process).  A smaller panel's first
+# pass is short and the fetches cost more than they save (bf16 28x28x128 -> 512, 16 KiB: 1.04x); a larger
+# one and the next do not both stay in L2 (float32 7x7x2048 -> 512, 512 KiB: 1.0-1.02x).
+FETCH_MIN_BYTES, FETCH_MAX_BYTES = 32 << 10, l2_bytes() // 8
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd where it was measured to win (Zen 3, 2 cores, weights evicted, against the direct kernel, vector
 # transforms): 56x56x64 2.2x, 28x28x128 2.5x, 14x14x256 1.6x at batch 1; 7x7x512 1.2x at batch 4, 1.3x at
@@ -492,12 +499,14 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # Against the earlier kernel (tile by tile through the whole group, prefetching the next tile's
     # inputs) ResNet50 took 0.95-0.97x the time at 64x64, 0.94x at 224x224 batch 1 and 0.96-1.02x at
     # batch 8; against tile by tile without that input prefetch, 0.99x at 64x64 and 224x224 batch 1,
-    # 0.97x at batch 8 (Zen 3, same process).  Prefetching the task's next panel during a panel's later
-    # passes, so that the weight stream would overlap the arithmetic, gained nothing (0.99-1.01x): the
-    # overlap needs the passes to run from L1, as ``conv2d_stream_forward``'s chunks do.
+    # 0.97x at batch 8 (Zen 3, same process).  A panel's later passes fetch the next panel
+    # (``FETCH_MIN_BYTES``); on Zen 3 this had gained nothing for the whole ResNet50 (0.99-1.01x).
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
     narrow = _narrow_tile(ntiles, run_pixels)
+    weights = panels.reshape(-1)
+    panel_size = panels[0, 0].size  # elements
+    fetch_next = FETCH_MIN_BYTES < panel_size * panels.itemsize <= FETCH_MAX_BYTES
     taken = np.zeros(1, np.int64)  # tasks handed out so far
     # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
     # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
@@ -510,6 +519,11 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
         task = next_task(taken)
         while task < ntasks:
             run, first, wset, begin, last = _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks)
+            # the passes after a panel's first read it from cache, and fetch the next panel from memory as they
+            # go, each its share (``ahead`` elements a step): the task's next panel, or after its last the first
+            # of the task to be handed out next (most likely to this thread).  See ``FETCH_MIN_BYTES``.
+            later = last - begin - 1
+            ahead = (panel_size + later * depth - 1) // max(1, later * depth)
             for b in range(nblk):
                 # (a loop over the task's own panels only, range(first, ...), runs 1.5x slower:
                 # LLVM then keeps less in registers; measured on 56x56x64 -> 256)
@@ -517,6 +531,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     continue
                 c0 = b * PANEL
                 panel = panels[wset, b]
+                next_panel = -1
                 for tile in range(begin, last):
                     local0 = tile * TILE
                     for t in range(TILE):  # unsigned offsets: no negative-index test per load
@@ -533,7 +548,21 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     if has_residual:
                         for t in range(TILE):
                             fetch_line(res, (run * run_pixels + local0 + TILE + t) * cout + c0)
-                    if tile == narrow:
+                    if tile == begin + 1 and fetch_next:  # (after the first pass: the other threads have taken theirs)
+                        next_panel = (wset * nblk + b + 1) * panel_size
+                        if b + 1 == min(first + group, nblk):
+                            following = taken[0]  # (read as a hint, not taken)
+                            next_first, next_set = _task_tiles(following, runs, ngroups, group, sets, ntiles, nchunks)[1:3]
+                            next_panel = (next_set * nblk + next_first) * panel_size if following < ntasks else -1
+                    if next_panel >= 0:
+                        at = next_panel + (tile - begin - 1) * ahead * depth
+                        if tile == narrow:
+                            _fma_chunk_narrow(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, True, bias, c0, 0,
+                                              False, weights, at, ahead)
+                        else:
+                            _fma_chunk(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, True, bias, c0, 0, False,
+                                       weights, at, ahead)
+                    elif tile == narrow:
                         _fma_tile_narrow(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     else:
                         _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)

@@ -19,9 +19,9 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from . import _memory
-from ._numba import VECTOR_FLOATS, inline, jit, pjit
+from ._numba import VECTOR_FLOATS, jit, pjit
 from ._tile import rounded_vector
-from .bf16 import pack_bf16
+from .bf16 import _bf16_bits, pack_bf16
 from .winograd import _is_flat, _Vector
 
 PRODUCTS = 16  # (2 + 2) x (2 + 2)
@@ -62,16 +62,6 @@ def _float_bits(typingctx, x):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(x), codegen
-
-
-@inline
-def _rounded(value):
-    """bf16 bits of a float32 value (``bf16.to_bf16``: nearest, ties to even; a NaN stays a NaN), without a
-    branch, so that the loops calling it vectorise."""
-    bits = np.uint32(_float_bits(value))
-    nan = bits & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000)
-    near = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.uint16(((bits >> np.uint32(16)) | np.uint32(0x40)) if nan else near)
 
 
 @jit
@@ -147,7 +137,7 @@ def input_transform_forward(v, inp, tiles_w):
             for i in range(4):  # then B across each row
                 r = _bt(c0[i], c1[i], c2[i], c3[i])
                 for k in range(4):
-                    v[t, 4 * i + k, ch] = _rounded(r[k])
+                    v[t, 4 * i + k, ch] = _bf16_bits(_float_bits(r[k]))
 
 
 @pjit

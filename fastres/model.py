@@ -1,6 +1,5 @@
 """``fastres.load`` and the Model: a fused layer graph, planned per input shape, run on the kernels."""
 import contextlib
-import copy
 import math
 import threading
 import time
@@ -193,10 +192,11 @@ class Model:
     def packed_bytes(self):
         """Bytes of the packed Conv2D/Dense weights the model keeps (bf16: about half of fp32's).
 
-        The direct kernel's panels, or for a fp32 3x3 layer that a plan runs as Winograd its transformed
-        packing, four times larger, made when first planned (the direct panels then go; bf16 never does).
+        The direct kernel's panels, or for a 3x3 layer that a plan runs as Winograd its transformed
+        packing (F(4x4, 3x3): four times larger, F(2x2, 3x3): 16/9), made when first planned (the direct panels
+        then go: ``_release_direct``).
         """
-        return sum(a.nbytes for p in self._packed.values() for a in (p.panels, p._winograd) if a is not None)
+        return sum(a.nbytes for p in self._packed.values() for a in (p.panels, *p.winograd_arrays()) if a is not None)
 
     @property
     def input_shape(self):
@@ -482,8 +482,7 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
         found["own"] += 4 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
         if op.kind == "Conv2D" and (kh, kw) == (3, 3) and op.attrs["stride"] == 1:  # Winograd F(2x2, 3x3)
             found["padded"] = 4 * n * (x[0] + sum(op.pads[:2]) + 4) * (x[1] + sum(op.pads[2:]) + 4) * cin
-            tiles = 16 * -(-out[0] // 2) * -(-out[1] // 2)  # products x blocks of one image
-            blocks = tiles * max(1, min(n, K.conv.WINOGRAD_BYTES // (tiles * max(cin, out[-1]) * 4)))
+            blocks = _winograd_blocks(out, n, cin, "bf16")
             found["v"], found["m"] = 2 * blocks * cin, 4 * blocks * out[-1]
         return found
     if op.kind == "Conv2D":
@@ -493,25 +492,40 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
             rows, cols = x[0] + sum(op.pads[:2]) + kh + 6, x[1] + sum(op.pads[2:]) + kw + 6  # "same", whole blocks
             found["padded"] = 4 * n * rows * cols * cin
         if winograd:
-            blocks = 36 * -(-out[0] // 4) * -(-out[1] // 4) * min(n, 8)
+            blocks = _winograd_blocks(out, n, cin, "fp32")
             found["v"], found["m"] = 4 * blocks * cin, 4 * blocks * cout
     return found
 
 
+def _winograd_blocks(out, n, cin, precision):
+    """The most products x blocks a Winograd plan of any of the precision's forms holds at once (``Conv2DPlan``'s
+    ``images`` at a time), for an output of (OH, OW, Cout)."""
+    most = 0
+    for block in K.conv.WINOGRAD_FORMS[precision]:
+        tiles = (block + 2) ** 2 * -(-out[0] // block) * -(-out[1] // block)  # products x blocks of one image
+        most = max(most, tiles * max(1, min(n, K.conv.WINOGRAD_BYTES // (tiles * max(cin, out[-1]) * 4))))
+    return most
+
+
 def plan_bytes(ops, output, shape, precision="fp32"):
     """Bytes a plan for input ``shape`` (N, H, W, C) allocates: its buffers, convolution scratch and output copy
-    (for a batch cut by ``_head``: the image-by-image part's, the batch part's and the batch's input)."""
+    (for a batch cut by ``_head``: the image-by-image part's, the batch part's, their one shared scratch and
+    the batch's input)."""
     shapes = infer_shapes(ops, shape[1:])
     n = shape[0]
     cut = _head(ops, output, shapes, n)
+    parts = [(ops, output, shape)]
     if cut is not None:
         head_ops, tail_ops = _split_at(ops, cut)
-        return (4 * math.prod(shape) + plan_bytes(head_ops, cut, (1, *shape[1:]), precision)
-                + plan_bytes(tail_ops, output, (n, *shapes[cut]), precision))
-    _, slots = _layout(ops, output, shapes, n)
-    scratch = [_scratch_bytes(op, shapes, shape[1:], n, precision) for op in ops]
+        parts = [(head_ops, cut, (1, *shape[1:])), (tail_ops, output, (n, *shapes[cut]))]
+    total, scratch = 0 if cut is None else 4 * math.prod(shape), []
+    for part_ops, part_output, part_shape in parts:
+        part_shapes = infer_shapes(part_ops, part_shape[1:])
+        _, slots = _layout(part_ops, part_output, part_shapes, part_shape[0])
+        total += 4 * (sum(slots) + part_shape[0] * math.prod(part_shapes[part_output]))
+        scratch += [_scratch_bytes(op, part_shapes, part_shape[1:], part_shape[0], precision) for op in part_ops]
     shared = sum(max((s.get(kind, 0) for s in scratch), default=0) for kind in _SharedScratch.KINDS)
-    return 4 * (sum(slots) + n * math.prod(shapes[output])) + sum(s["own"] for s in scratch) + shared
+    return total + sum(s["own"] for s in scratch) + shared
 
 
 class _SharedScratch:
@@ -578,10 +592,12 @@ class Plan:
     """One forward pass for one input shape: every buffer allocated once, steps bound to them.
 
     ``ops`` and ``output``: a part of the model's graph (``HeadPlan``), by default all of it; ``shapes``
-    every value's shape without the batch axis (by default the model's for ``shape``).
+    every value's shape without the batch axis (by default the model's for ``shape``); ``scratch`` a
+    ``_SharedScratch`` shared with another plan run by the same thread, which the caller finishes (by
+    default the plan's own).
     """
 
-    def __init__(self, model, shape, ops=None, output=None, shapes=None):
+    def __init__(self, model, shape, ops=None, output=None, shapes=None, scratch=None):
         ops, output = (model._ops, model._output) if ops is None else (ops, output)
         shapes = model._plan_shapes(shape) if shapes is None else shapes
         n = shape[0]
@@ -592,7 +608,8 @@ class Plan:
         values = {name: stores[slot][:n * math.prod(shapes[name])].reshape((n, *shapes[name]))
                   for name, slot in slot_of.items()}
         self.steps, self.names, self.kernels = [], [], {}
-        scratch = _SharedScratch()
+        own_scratch = scratch is None
+        scratch = _SharedScratch() if own_scratch else scratch
         for op in ops:
             if op.kind == "InputLayer":
                 self.input = values[op.name]
@@ -602,7 +619,8 @@ class Plan:
                 self.kernels.update({op.name: step.kernel for step in steps if hasattr(step, "kernel")})
                 self.steps.extend(steps)
                 self.names.extend([op.name] * len(steps))
-        scratch.finish()
+        if own_scratch:
+            scratch.finish()
         self.output = values[output]
         if model.precision == "bf16":
             _feed_convolutions(ops, output, {n: st.conv for n, st in zip(self.names, self.steps) if hasattr(st, "conv")})
@@ -646,8 +664,10 @@ class HeadPlan:
         shapes = model._plan_shapes(shape)
         n = shape[0]
         head_ops, tail_ops = _split_at(model._ops, cut)
-        self.head = Plan(model, (1, *shape[1:]), head_ops, cut, shapes)
-        self.tail = Plan(model, (n, *shapes[cut]), tail_ops, model._output, shapes)
+        scratch = _SharedScratch()  # the two parts run one after the other: one padded input, one set of blocks
+        self.head = Plan(model, (1, *shape[1:]), head_ops, cut, shapes, scratch)
+        self.tail = Plan(model, (n, *shapes[cut]), tail_ops, model._output, shapes, scratch)
+        scratch.finish()
         self.input = K.aligned_empty((n, *shape[1:]))
         self.output, self.kernels = self.tail.output, {**self.head.kernels, **self.tail.kernels}
         self.first, self.cut, self.threads = head_ops[1].name if len(head_ops) > 1 else cut, cut, None
@@ -698,22 +718,22 @@ def _feed_convolutions(ops, output, convs):
             convs[op.name].feed(convs[consumer.name])
 
 
-def _release_direct(model, name, conv):
-    """Keep only the Winograd packing of layer ``name``, which ``conv`` runs: the direct one is 1/4 its size
-    (1/2 in bf16).
+def _release_direct(model, name, block):
+    """Keep only the Winograd packing of output block ``block`` of layer ``name``; returns the new packing.  The
+    direct one is 1/4 its size in F(4x4, 3x3), 9/16 in F(2x2, 3x3).
 
     Called where Winograd is chosen for one image, so for every batch size (``_steps``), in a model of
     one input size: the model's packing is replaced by a copy without the direct panels, and every
-    later plan runs this layer as Winograd.  A layer chosen Winograd only from some batch size on, or in
-    a model whose input size is free (a smaller image may be direct), keeps both packings, so that an
-    input shape runs one way whatever ran before it (the two round differently, about 1e-5 of the
-    output; releasing on the first Winograd plan made a Dask worker's results depend on the batches it
-    had met, and a free-size model's on the sizes).
+    later plan runs this layer as Winograd, in the form chosen for its batch (from a float32 F(2x2, 3x3)
+    packing, F(4x4, 3x3) is made from the kernel read back from it: ``PackedConv2D.unpacked``).  The form
+    kept is the one-image choice whatever the batch planned first.  A layer chosen Winograd only from some
+    batch size on, or in a model whose input size is free (a smaller image may be direct), keeps both
+    packings, so that an input shape runs one way whatever ran before it (the two round differently, about
+    1e-5 of the output; releasing on the first Winograd plan made a Dask worker's results depend on the
+    batches it had met, and a free-size model's on the sizes).
     """
-    winograd_only = copy.copy(conv.packed)
-    winograd_only.panels = None
-    conv.packed = winograd_only
-    model._packed[name] = winograd_only
+    model._packed[name] = model._packed[name].release_direct(block)
+    return model._packed[name]
 
 
 def _activation_step(act, out, inp):
@@ -752,12 +772,13 @@ def _steps(model, op, ins, out, residual, scratch):
                 _, pl, pr = K.same_padding(x.shape[2] + l + r, a["kernel"][1], stride)
                 t, b, l, r = t + pt, b + pb, l + pl, r + pr
             pads = (t, b, l, r)
-        # Winograd at every batch size where it is chosen for one image, else as chosen for this batch: an
-        # input shape runs the same way whatever ran before it (``_release_direct``)
-        one = packed.panels is None or K.winograd_choice(packed, (1, *x4.shape[1:]), stride, pads)
-        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=True if one else None)
+        # Winograd (a form chosen for this batch) at every batch size where it is chosen for one image, else as
+        # chosen for this batch: an input shape runs the same way whatever ran before it (``_release_direct``)
+        one = K.winograd_choice(packed, (1, *x4.shape[1:]), stride, pads)
         if one and packed.panels is not None and None not in model._input_shape:
-            _release_direct(model, op.name, conv)
+            packed = _release_direct(model, op.name, one)
+        block = K.winograd_choice(packed, x4.shape, stride, pads, direct=False) if one else None
+        conv = K.Conv2DPlan(packed, x4.shape, stride, pads, winograd=block)
         scratch.share(conv)
         res = K.NO_RESIDUAL if residual is None else residual
         steps.append(lambda: conv(out4, x4, bias, res, relu))  # ``Plan`` replaces it with a bound call

@@ -96,7 +96,8 @@ def compile_all():
     for batch in (1, 2):
         model.predict(np.ones((batch, 16, 16, 8), np.float32))
     x = np.ones((1, 12, 12, 16), np.float32)
-    for packed, winograd in ((K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32)), True),
+    for packed, winograd in ((K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32)), 4),
+                             (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32)), 2),   # F(2x2, 3x3) in float32
                              (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), im2col=True), False),
                              (K.pack_conv2d(np.ones((3, 3, 16, 16), np.float32), precision="bf16"), False),
                              # bf16 Winograd F(2x2, 3x3) where it can run (else the same direct plan again)

@@ -12,6 +12,7 @@ next chunk while it computes this one (``conv2d_stream_forward``).  1x1 convolut
 are the same kernel with one tap.  A kernel packed with ``im2col=True`` gathers its
 receptive fields with the Cython ``im2col`` first and runs as a 1x1 (measured slower here).
 """
+import copy
 import math
 
 import numpy as np
@@ -80,11 +81,11 @@ class PackedConv2D:
 
     ``shape`` is the kernel's HWIO shape.
     ``panels`` (1, ceil(Cout / PANEL), KH*KW*Cin, PANEL) feeds the direct kernel; a 3x3
-    kernel also has a Winograd packing (36 transformed panel sets), made on first
-    use by ``winograd_panels()`` since it is four times the size.  With
-    ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16``, and the
-    Winograd packing is F(2x2, 3x3)'s 16 sets in bf16 (``winograd2``), made from the rounded
-    weights (16/9 the size of ``panels``).
+    kernel also has Winograd packings, made on first use by ``winograd_panels(block)``: F(4x4, 3x3)'s
+    36 transformed panel sets (four times the size of ``panels``) and F(2x2, 3x3)'s 16 (``winograd2``,
+    16/9 the size).  With ``precision="bf16"``, ``panels`` is the bf16 packing of ``bf16.pack_bf16``,
+    and the only Winograd packing is F(2x2, 3x3)'s in bf16, made from the rounded weights.
+    ``release_direct`` makes a copy that keeps one Winograd packing and not the direct panels.
     """
 
     def __init__(self, shape, panels, im2col, precision="fp32"):
@@ -92,7 +93,8 @@ class PackedConv2D:
         self.panels = panels
         self.im2col = im2col    # True: the input is gathered with im2col and run as a 1x1
         self.precision = precision
-        self._winograd = None
+        self._winograd = {}     # output block size (4: F(4x4, 3x3), 2: F(2x2, 3x3)) -> its packing
+        self.base = 0           # the Winograd form kept where the direct panels went (``release_direct``), else 0
 
     @property
     def kernel_size(self):
@@ -107,8 +109,16 @@ class PackedConv2D:
         return self.shape[3]
 
     def unpacked(self):
-        """The (KH, KW, Cin, Cout) kernel, read back from the panels (no second copy is kept)."""
+        """The (KH, KW, Cin, Cout) kernel, read back from the panels (no second copy is kept); without them
+        (``release_direct``), from a float32 F(2x2, 3x3) packing (``winograd2.untransform_kernel``: the kernel
+        to float32's rounding, not to the bit)."""
         kh, kw, cin, cout = self.shape
+        if self.base:
+            if self.base != 2 or self.precision != "fp32":
+                raise ValueError(f"PackedConv2D.unpacked: only a {self.precision} F({self.base}x{self.base}, 3x3) "
+                                 "packing is left, which cannot be read back")
+            u = self._winograd[2].transpose(0, 2, 1, 3).reshape(16, cin, -1)[:, :, :cout]
+            return winograd2.untransform_kernel(u)
         if self.precision == "bf16" and self.im2col:
             depth = 2 * self.panels.shape[2]
             return bf16.unpack_bf16(self.panels, (1, 1, depth, cout))[0, 0, : kh * kw * cin].reshape(self.shape)
@@ -117,19 +127,48 @@ class PackedConv2D:
         rows = self.panels[0].transpose(1, 0, 2).reshape(kh * kw * cin, -1)
         return rows[:, :cout].reshape(kh, kw, cin, cout)
 
-    def drop_winograd(self):
-        """Release the Winograd packing (plans that use it keep their own reference)."""
-        self._winograd = None
+    def drop_winograd(self, keep=0):
+        """Release the Winograd packings but those of block size ``keep`` and ``base`` (plans that use one keep
+        their own reference)."""
+        self._winograd = {block: p for block, p in self._winograd.items() if block in (keep, self.base)}
 
-    def winograd_panels(self):
-        """(36, ceil(Cout / 64), Cin, 64): the F(4x4, 3x3) transformed kernel, packed; in bf16 F(2x2, 3x3)'s
-        (16, ceil(Cout / 64), Cin/2, 64, 2)."""
-        if self._winograd is None:
+    def release_direct(self, block):
+        """A copy that holds only the Winograd packing of output block ``block`` (made here if need be), without
+        the direct panels or other forms: it runs as Winograd at every shape (``winograd_forms``)."""
+        panels = self.winograd_panels(block)
+        released = copy.copy(self)
+        released.panels, released._winograd, released.base = None, {block: panels}, block
+        return released
+
+    def winograd_forms(self):
+        """The Winograd forms (output block sizes) this packing can run: those of its precision, or without the
+        direct panels its ``base``, and F(4x4, 3x3) from a float32 F(2x2, 3x3) base (``unpacked``)."""
+        if self.base and not (self.base == 2 and self.precision == "fp32"):
+            return (self.base,)
+        return WINOGRAD_FORMS[self.precision]
+
+    def winograd_arrays(self):
+        """The Winograd packings made so far."""
+        return list(self._winograd.values())
+
+    def winograd_blocks(self):
+        """The output block sizes of the Winograd packings made so far."""
+        return list(self._winograd)
+
+    def winograd_panels(self, block=None):
+        """The transformed kernel of Winograd F(block x block, 3x3), packed: block 4 (float32 only) gives
+        (36, ceil(Cout / 64), Cin, 64), block 2 (16, ceil(Cout / 64), Cin, 64), in bf16 (16, ceil(Cout / 64),
+        Cin/2, 64, 2).  ``block`` defaults to the precision's first form (``WINOGRAD_FORMS``)."""
+        block = block or WINOGRAD_FORMS[self.precision][0]
+        if block not in self.winograd_forms():
+            raise ValueError(f"PackedConv2D.winograd_panels: no F({block}x{block}, 3x3) from this "
+                             f"{self.precision} packing")
+        if block not in self._winograd:
             if self.precision == "bf16":
-                self._winograd = winograd2.pack_transformed(self.unpacked())
-            else:
-                self._winograd = pack_transformed(self.unpacked(), PANEL)  # transformed panel by panel
-        return self._winograd
+                self._winograd[block] = winograd2.pack_transformed(self.unpacked())
+            else:  # transformed panel by panel
+                self._winograd[block] = pack_transformed(self.unpacked(), PANEL, winograd2._G if block == 2 else None)
+        return self._winograd[block]
 
 
 @pjit
@@ -159,6 +198,9 @@ def _pack(w3d):
 
 
 PRECISIONS = ("fp32", "bf16")
+# the Winograd forms of each precision, by output block size, the default (``winograd=True``) first:
+# F(4x4, 3x3) would multiply bf16's rounding error about ninefold (``winograd2``)
+WINOGRAD_FORMS = {"fp32": (4, 2), "bf16": (2,)}
 
 
 def pack_conv2d(w, im2col=False, precision="fp32"):
@@ -782,13 +824,10 @@ class Conv2DPlan:
 
     ``conv2d`` makes one per call; the engine makes one per layer at plan time and
     calls its ``bind`` result on every forward pass.  Calling it checks nothing.  A stride-1 3x3
-    convolution may run as Winograd F(4x4, 3x3) (F(2x2, 3x3) in bf16): ``winograd=True`` or ``False``
-    forces the choice; by default, above ``WINOGRAD_MEASURE_FLOPS`` the faster of
-    the two on this machine is taken from ``wisdom`` (measured once and recorded)
-    where there are at least ``WINOGRAD_MIN_TILES`` 4x4 output blocks to share the
-    transformed weights (at most ``WINOGRAD_BLOCK_BYTES`` of them a block); otherwise, or with
-    wisdom off, the rule decides: those blocks and ``WINOGRAD_MIN_FLOPS``, or
-    ``WINOGRAD_IMAGE_TILES`` blocks an image and ``WINOGRAD_SMALL_FLOPS``.
+    convolution may run as Winograd F(4x4, 3x3) or F(2x2, 3x3) (only F(2x2, 3x3) in bf16):
+    ``winograd=4`` or ``2`` forces the form, ``True`` the precision's first (``WINOGRAD_FORMS``),
+    ``False`` the direct kernel; by default ``winograd_choice`` decides (``self.block`` is the form
+    chosen, 0 for direct).
 
     A bf16 packing (``pack_conv2d(w, precision="bf16")``) runs on AMX where ``amx.usable`` (or,
     packed for it, gathered by im2col), else on ``conv2d_forward``'s bf16 products; a stride-1 3x3 on
@@ -815,12 +854,19 @@ class Conv2DPlan:
         cp = cin + cin % 2 if packed.precision == "bf16" else cin  # bf16 pairs never straddle two pixels
         oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
         self.output_shape = (n, oh, ow, cout)
-        block, products, _ = _winograd_form(packed.precision)
-        image_tiles = -(-oh // block) * -(-ow // block)
         possible = _winograd_possible(packed, stride, pads)
         if winograd is None and possible:
             winograd = winograd_choice(packed, input_shape, stride, pads)
+        if winograd is True:
+            winograd = packed.winograd_forms()[0]
+        if winograd and winograd not in packed.winograd_forms():
+            raise ValueError(f"Conv2DPlan: winograd={winograd!r}, but this {packed.precision} packing runs the output "
+                             f"blocks {packed.winograd_forms()} (or True, False, None)")
         self.winograd = bool(winograd) and possible
+        if not self.winograd and packed.panels is None:
+            raise ValueError(f"Conv2DPlan: this packing holds only Winograd weights (release_direct), and "
+                             f"{'winograd=False' if possible else 'Winograd cannot run this convolution'}")
+        self.block = winograd if self.winograd else 0
         self.cols = self.v = self.m = None
         self.amx = self.wide = False
         self.rounds_input = False                  # True: a bf16 input on AMX or vdpbf16ps, in ``rounded``
@@ -828,7 +874,9 @@ class Conv2DPlan:
         self.measure_split = True                 # a small direct convolution's split from ``wisdom``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
-            # pad to whole input blocks (6x6 in float32, 4x4 in bf16): block * blocks + 2 rows and columns
+            block, products = self.block, (self.block + 2) ** 2
+            image_tiles = -(-oh // block) * -(-ow // block)
+            # pad to whole input blocks (6x6 or 4x4): block * blocks + 2 rows and columns
             self.tiles_w = -(-ow // block)
             hp, wp = block * -(-oh // block) + 2, block * self.tiles_w + 2
             self.pads = (top, hp - h - top, left, wp - w - left)
@@ -839,8 +887,8 @@ class Conv2DPlan:
             self.m = _memory.empty(products * self.images * image_tiles * cout)
             self.image_tiles, self.products = image_tiles, products
             self.transforms = ((winograd2.input_transform_forward, winograd2.output_transform_forward)
-                               if packed.precision == "bf16" else (input_transform_forward, output_transform_forward))
-            self.panels = packed.winograd_panels()
+                               if block == 2 else (input_transform_forward, output_transform_forward))
+            self.panels = packed.winograd_panels(block)
             self.no_bias = np.zeros(cout, np.float32)
             # the products run as 36 (16) "images" of tiles x 1, each with its weights: starts for a full
             # group of images and the last
@@ -879,10 +927,10 @@ class Conv2DPlan:
         # a float32 input is padded here (the widened bf16 products also need an even channel count)
         self.padded = _memory.zeros((n, hp, wp, cp)) if (any(self.pads) or cp != cin) and not self.rounds_input else None
         self._splits = {}
-        self.kernel = ("winograd F(4x4,3x3)" if self.winograd else "im2col + 1x1" if packed.im2col
+        self.kernel = (_winograd_name(self.block) if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
         if packed.precision == "bf16" and self.winograd:
-            self.kernel = f"bf16 winograd F(2x2,3x3) {TILE}x{PANEL} {ISA} {bf16.kernel()}"
+            self.kernel = f"bf16 {_winograd_name(self.block)} {TILE}x{PANEL} {ISA} {bf16.kernel()}"
         elif packed.precision == "bf16":
             self.kernel = (("bf16 im2col + " if packed.im2col else "bf16 ") + amx.KERNEL + (" 16x64" if self.wide else " 32x32")
                            if self.amx else bf16.description())
@@ -1062,11 +1110,9 @@ def evict_forward(array):
         evict_line(flat, i)
 
 
-def _winograd_form(precision):
-    """(output block size, products, bytes per transformed weight) of the Winograd a precision runs:
-    F(4x4, 3x3) in float32, F(2x2, 3x3) in bf16 (``winograd2``: F(4x4)'s transforms multiply bf16's
-    rounding error about ninefold)."""
-    return (2, 16, 2) if precision == "bf16" else (4, 36, 4)
+def _winograd_name(block):
+    """The name of Winograd F(block x block, 3x3), as ``Conv2DPlan.kernel`` and ``wisdom`` give it."""
+    return f"winograd F({block}x{block},3x3)"
 
 
 def _winograd_possible(packed, stride, pads):
@@ -1079,57 +1125,82 @@ def _winograd_possible(packed, stride, pads):
     return True
 
 
-def winograd_choice(packed, input_shape, stride, pads):
-    """Whether ``Conv2DPlan`` runs this convolution as Winograd (F(4x4, 3x3); F(2x2, 3x3) in bf16) when not told
-    (see its docstring).
+def winograd_choice(packed, input_shape, stride, pads, direct=True):
+    """The Winograd form ``Conv2DPlan`` runs this convolution as when not told: its output block size (4 or 2,
+    ``packed.winograd_forms()``), or 0 for the direct kernel.  With ``direct=False``, or without the direct
+    panels (``release_direct``), always a form.
 
-    The rule, or above ``WINOGRAD_MEASURE_FLOPS`` the recorded or measured faster (``wisdom``); it
-    needs the direct packing (``packed.panels``) where it measures.  The rule's sizes count 4x4 output blocks
-    whatever the form.
+    A form is a candidate where its transformed weights are shared by enough of its output blocks (at most
+    ``WINOGRAD_BLOCK_BYTES`` a block): too few blocks, and a timing with the weights hot in cache would say
+    Winograd (7x7x512 at batch 1 in F(4x4)) where the forward pass reads them from memory.  Above
+    ``WINOGRAD_MEASURE_FLOPS``, with ``WINOGRAD_MIN_TILES`` of a candidate's blocks or more, the recorded or
+    measured fastest of the direct kernel and the candidates (``wisdom``; it needs the direct packing,
+    ``packed.panels``).  Otherwise, or with wisdom off, the rule: the precision's first form where it is a
+    candidate and there are ``WINOGRAD_MIN_TILES`` 4x4 output blocks and ``WINOGRAD_MIN_FLOPS``, or
+    ``WINOGRAD_IMAGE_TILES`` 4x4 blocks an image and ``WINOGRAD_SMALL_FLOPS`` (4x4 blocks whatever the form);
+    else F(2x2, 3x3) in float32 where F(4x4) is no candidate and F(2x2) is, with ``WINOGRAD_MIN_TILES`` 2x2
+    blocks and ``WINOGRAD_MIN_FLOPS`` (ResNet50's stage 5 at batch 1 and 2).  Without the direct kernel,
+    the rule's form, or else the first candidate, or else the first form.
     """
+    direct = direct and packed.panels is not None
     if not _winograd_possible(packed, stride, pads):
-        return False
+        if not direct:
+            raise ValueError("winograd_choice: direct=False for a convolution that cannot run as Winograd")
+        return 0
     n, h, w, _ = input_shape
     top, bottom, left, right = pads
     cin, cout = packed.in_channels, packed.out_channels
     oh, ow = h + top + bottom - 2, w + left + right - 2
-    image_tiles = -(-oh // 4) * -(-ow // 4)
     flops = 2 * n * oh * ow * 9 * cin * cout
-    # too few blocks to share its larger weights (4x the direct ones in float32): a timing with the weights
-    # hot in cache would say Winograd (7x7x512 at batch 1), the forward pass reads them from memory
-    block, products, weight_bytes = _winograd_form(packed.precision)
-    blocks = n * image_tiles
-    shared = products * cin * cout * weight_bytes <= WINOGRAD_BLOCK_BYTES * n * -(-oh // block) * -(-ow // block)
-    large = blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
+    weight_bytes = 2 if packed.precision == "bf16" else 4
+
+    def blocks(block):
+        return n * -(-oh // block) * -(-ow // block)
+
+    forms = packed.winograd_forms()
+    shared = [b for b in forms if (b + 2) ** 2 * cin * cout * weight_bytes <= WINOGRAD_BLOCK_BYTES * blocks(b)]
+    image_tiles = blocks(4) // n
+    large = blocks(4) >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MIN_FLOPS
     wide = image_tiles >= WINOGRAD_IMAGE_TILES and flops >= WINOGRAD_SMALL_FLOPS
-    rule = shared and (large or wide)
-    measure = shared and (blocks >= WINOGRAD_MIN_TILES and flops >= WINOGRAD_MEASURE_FLOPS or wide)
-    return _measured_winograd(packed, input_shape, pads, rule) if measure else rule
+    rule = 0
+    if forms[0] in shared and (large or wide):
+        rule = forms[0]
+    elif (shared == [2] and packed.precision == "fp32" and blocks(2) >= WINOGRAD_MIN_TILES
+          and flops >= WINOGRAD_MIN_FLOPS):
+        rule = 2
+    if not direct:
+        rule = rule or (shared + list(forms))[0]
+    measured = [b for b in shared if flops >= WINOGRAD_MEASURE_FLOPS and (blocks(b) >= WINOGRAD_MIN_TILES or wide)]
+    names = {**({"direct": 0} if direct else {}), **{_winograd_name(b): b for b in measured}}
+    return _measured_winograd(packed, input_shape, pads, names, rule) if len(names) > 1 else rule
 
 
-def _measured_winograd(packed, input_shape, pads, rule):
-    """Winograd or direct for this stride-1 3x3 convolution: the recorded or measured faster one."""
+def _measured_winograd(packed, input_shape, pads, names, rule):
+    """The recorded or measured fastest way to run this stride-1 3x3 convolution of the ``names`` given (name ->
+    0 for the direct kernel or a Winograd form's output block size); ``rule`` where nothing is recorded or measured."""
     threads = get_num_threads()
     key = (f"conv3x3 {'x'.join(map(str, input_shape))}->{packed.out_channels} pads {','.join(map(str, pads))}"
-           + ("" if packed.precision == "fp32" else f" {packed.precision}"))
+           + ("" if packed.precision == "fp32" else f" {packed.precision}")
+           + f" [{' '.join(f'F{b}' if b else 'direct' for b in names.values())}]")  # (F4: F(4x4, 3x3))
     known = wisdom.lookup(f"{MACHINE} | {threads} threads", key)
     if known is not None or wisdom.mode() != "measure":
-        return {"winograd": True, "direct": False}.get(known, rule)
+        return names.get(known, rule)
     x = _memory.empty(input_shape)
     x[...] = np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)
     bias = np.zeros(packed.out_channels, np.float32)
-    plans = {name: Conv2DPlan(packed, input_shape, 1, pads, winograd=name == "winograd") for name in ("winograd", "direct")}
-    plans["direct"].measure_split = False  # timed with the rule's split: one measurement at a time
-    out = _memory.empty(plans["direct"].output_shape)
+    plans = {name: Conv2DPlan(packed, input_shape, 1, pads, winograd=block) for name, block in names.items()}
+    for plan in plans.values():
+        plan.measure_split = False  # the direct kernel timed with the rule's split: one measurement at a time
+    out = _memory.empty(next(iter(plans.values())).output_shape)
     runs = {name: (lambda plan=plan: plan(out, x, bias, NO_RESIDUAL, True)) for name, plan in plans.items()}
     # timed as a forward pass meets the layer: its input just written, its weights in memory (the
-    # Winograd ones are 4x larger, and a hot-cache timing favours them)
+    # Winograd ones are 16/9 or 4x larger, and a hot-cache timing favours them)
     weights = {name: plan.panels if plan.winograd else packed.panels for name, plan in plans.items()}
-    winner = wisdom.choose(f"{MACHINE} | {threads} threads", key, runs, "winograd" if rule else "direct",
+    rule_name = next((name for name, block in names.items() if block == rule), None)
+    winner = wisdom.choose(f"{MACHINE} | {threads} threads", key, runs, rule_name,
                            before=lambda name: evict_forward(weights[name]))
-    if winner == "direct":
-        packed.drop_winograd()  # built only to be timed: four times the direct weights
-    return winner == "winograd"
+    packed.drop_winograd(keep=names[winner])  # the others were built only to be timed
+    return names[winner]
 
 
 def conv2d(x, w, bias=None, strides=1, padding="valid", relu=False, residual=None, out=None):

@@ -41,25 +41,29 @@ def _combine(coefficients, terms):
     return total
 
 
-def pack_transformed(w, panel):
+def pack_transformed(w, panel, transform=None):
     """``transform_kernel(w)`` packed as the direct kernel packs its weights, made one panel at a time.
 
     Returns float32 (36, ceil(Cout / panel), Cin, panel), 64-byte aligned, zero past Cout: the
-    ``(S, nblk, K, 64)`` panels of ``conv.pack_conv2d`` with a weight set per product.  Each panel
-    is transformed in float64 with elementwise operations (no BLAS, whose threads would spin beside
-    Numba's; no einsum, which took 20 ms per 256-channel layer), so the transient memory is a few
-    panels' worth rather than two float64 copies of the whole transformed kernel.
+    ``(S, nblk, K, 64)`` panels of ``conv.pack_conv2d`` with a weight set per product.  ``transform``: G, by
+    default this module's (6, 3); F(2x2, 3x3)'s (4, 3) (``winograd2._G``) gives its 16 products the same
+    way, (16, ceil(Cout / panel), Cin, panel).  Each panel is transformed in float64 with elementwise
+    operations (no BLAS, whose threads would spin beside Numba's; no einsum, which took 20 ms per
+    256-channel layer), so the transient memory is a few panels' worth rather than two float64 copies of
+    the whole transformed kernel.
     """
     _, _, cin, cout = w.shape
+    transform = _G if transform is None else transform
+    size = transform.shape[0]
     nblk = -(-cout // panel)
-    out = _memory.empty((36, nblk, cin, panel))
+    out = _memory.empty((size * size, nblk, cin, panel))
     for blk in range(nblk):
         c0 = blk * panel
         k = min(panel, cout - c0)
         g = w[:, :, :, c0:c0 + k].astype(np.float64)                    # (3 rows i, 3 columns j, Cin, k)
-        t = np.stack([_combine(_G[a], g) for a in range(6)])            # G g: (6 rows a, 3 columns j, Cin, k)
-        for b in range(6):                                               # (G g G^T)[a, b] for every a at once
-            out[b::6, blk, :, :k] = _combine(_G[b], t.transpose(1, 0, 2, 3))
+        t = np.stack([_combine(transform[a], g) for a in range(size)])  # G g: (rows a, 3 columns j, Cin, k)
+        for b in range(size):                                            # (G g G^T)[a, b] for every a at once
+            out[b::size, blk, :, :k] = _combine(transform[b], t.transpose(1, 0, 2, 3))
         if k < panel:
             out[:, blk, :, k:] = 0.0
     return out

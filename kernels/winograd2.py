@@ -1,22 +1,28 @@
-"""Winograd F(2x2, 3x3) in bf16, for stride-1 3x3 convolutions on ``vdpbf16ps``.
+"""Winograd F(2x2, 3x3), in float32 and in bf16, for stride-1 3x3 convolutions.
 
 Each 2x2 block of output comes from a 4x4 block of padded input:
 ``Y = A^T [(G g G^T) * (B^T d B)] A``.  The 16 element-wise products, summed over input
-channels, run on the direct kernel as 16 "images" of 1x1 convolutions with their own bf16
-weights (as ``winograd``'s F(4x4, 3x3) runs its 36 in float32): 2.25x fewer multiplications
-than the direct convolution.  The transformed weights ``G g G^T`` are rounded to bf16 at pack
-time, the transformed inputs ``B^T d B`` as they are made; the sums are float32, and ``A^T .. A``,
-the bias, the residual and the ReLU are applied in float32.
+channels, run on the direct kernel as 16 "images" of 1x1 convolutions with their own
+weights (as ``winograd``'s F(4x4, 3x3) runs its 36): 2.25x fewer multiplications than the
+direct convolution, where F(4x4) makes 4x fewer with weights 4x the direct ones.  In bf16 (on
+``vdpbf16ps``) the transformed weights ``G g G^T`` are rounded to bf16 at pack time, the
+transformed inputs ``B^T d B`` as they are made; in either precision the sums are float32, and
+``A^T .. A``, the bias, the residual and the ReLU are applied in float32.
 
-Why F(2x2) and not F(4x4) in bf16: the transforms' coefficients (0, +-1, 1/2 here; up to 8
+Why F(2x2) in bf16 and not F(4x4): the transforms' coefficients (0, +-1, 1/2 here; up to 8
 and 5 in F(4x4)) multiply the rounding error.  On a 28x28x128 layer (He-normal weights,
 inputs after a ReLU, against float64), the error's RMS relative to the output's: direct bf16
 (weights and inputs rounded) 2.4e-3, F(2x2) 3.4e-3, F(4x4) 2.1e-2.
+
+Why F(2x2) in float32 too: where a layer has few output pixels (7x7 at batch 1), F(4x4)'s
+weights are read from memory for 4 blocks, and the direct kernel won; F(2x2)'s (16/9 the direct
+ones) serve 16 blocks.  ResNet50's 7x7x512 -> 512 at batch 1 (Zen 4, weights evicted): direct 1.26
+ms, F(4x4) 1.34 ms, F(2x2)'s products 0.89 ms.
 """
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import _memory
 from ._numba import VECTOR_FLOATS, jit, pjit
@@ -31,11 +37,24 @@ BLOCK = 2      # output rows and columns of a block
 _G = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]])
 
 
+def untransform_kernel(u):
+    """The (3, 3, Cin, Cout) kernel ``g`` back from its 16 products' weights (16, Cin, Cout) ``u = G g G^T`` (element
+    ``4a + b``), float32.
+
+    ``g = P u P^T`` with ``P = [[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]]`` (``P G`` is the identity): each
+    weight is one to four of ``u``'s, so it comes back to float32's rounding of them.
+    """
+    u = u.reshape(4, 4, *u.shape[1:]).astype(np.float64)
+    rows = (u[0], u[1] - u[2], u[3])                                  # P u: (3 rows, 4 columns, Cin, Cout)
+    return np.stack([np.stack((r[0], r[1] - r[2], r[3])) for r in rows]).astype(np.float32)
+
+
 def pack_transformed(w):
     """``G g G^T`` of a (3, 3, Cin, Cout) kernel, rounded to bf16 and packed for the direct kernel.
 
     Returns uint16 (16, ceil(Cout / PANEL), Cin/2, PANEL, 2), 64-byte aligned: ``bf16.pack_bf16``'s
     panels with a weight set per product (element ``4a + b`` of the transform).  Cin must be even.
+    (The float32 packing is ``winograd.pack_transformed(w, PANEL, _G)``.)
     """
     if w.shape[2] % 2:
         raise ValueError(f"winograd2.pack_transformed: {w.shape[2]} input channels, an even count is needed")
@@ -64,6 +83,17 @@ def _float_bits(typingctx, x):
     return types.uint32(x), codegen
 
 
+def _stored(value, v):
+    """``value`` as ``v`` holds it: a float32 as is, or its bf16 bits (``bf16._bf16_bits``) for a uint16 ``v``."""
+
+
+@overload(_stored)
+def _stored_overload(value, v):
+    if v.dtype == types.uint16:
+        return lambda value, v: _bf16_bits(_float_bits(value))
+    return lambda value, v: value
+
+
 @jit
 def _bt(d0, d1, d2, d3):
     """B^T applied to one column of four values: B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]."""
@@ -72,18 +102,21 @@ def _bt(d0, d1, d2, d3):
 
 @intrinsic
 def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
-    """``bf16(B^T d B)`` of ``VECTOR_FLOATS`` channels of one 4x4 block, in vector registers: ``d[i][j]`` at
-    ``x[src + i * row + j * pixel]``, element ``4i + j`` of the result at ``flat[out + (4i + j) * pixel]``.
+    """``B^T d B`` of ``VECTOR_FLOATS`` channels of one 4x4 block, in vector registers: ``d[i][j]`` at
+    ``x[src + i * row + j * pixel]``, element ``4i + j`` of the result at ``flat[out + (4i + j) * pixel]``,
+    rounded to bf16 where ``flat`` is uint16, else float32.
 
     Written as explicit vectors: as a Numba loop over channels (16 loads and 16 stores a channel, in two
     arrays LLVM cannot tell apart) it stayed scalar, 0.7 ms for 56x56x64 (Zen 4).
     """
-    if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C" and flat.dtype == types.uint16
+    if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C"
+            and flat.dtype in (types.uint16, types.float32)
             and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel))):
         return None
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
+        rounds = signature.args[0].dtype == types.uint16
         vector, halves = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
         x_data = context.make_array(signature.args[2])(context, builder, args[2]).data
         out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
@@ -99,8 +132,11 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
         for i in range(4):
             for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(4)))):  # row i of (B^T d) B
                 at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
-                place = builder.bitcast(builder.gep(out_data, [at]), halves.as_pointer())
-                builder.store(rounded_vector(builder, value.value), place, align=2)
+                place = builder.bitcast(builder.gep(out_data, [at]), (halves if rounds else vector).as_pointer())
+                if rounds:
+                    builder.store(rounded_vector(builder, value.value), place, align=2)
+                else:
+                    builder.store(value.value, place, align=4)
         return context.get_dummy_value()
 
     return types.void(flat, out, x, src, row, pixel), codegen
@@ -108,13 +144,14 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
 
 @pjit
 def input_transform_forward(v, inp, tiles_w):
-    """``v[t, 4i + j, c] = bf16((B^T d B)[i, j])`` for every 4x4 input block ``d`` (blocks 2 apart) of every channel.
+    """``v[t, 4i + j, c] = (B^T d B)[i, j]`` for every 4x4 input block ``d`` (blocks 2 apart) of every channel,
+    rounded to bf16 where ``v`` is uint16.
 
     ``VECTOR_FLOATS`` channels at a time in vector registers (``_input_block_vectors``), a last few one by one.
 
     Parameters
     ----------
-    v : uint16 (N*TH*TW, 16, C), written
+    v : float32, or uint16 (bf16), (N*TH*TW, 16, C), written
     inp : float32 (N, 2*TH + 2, 2*TW + 2, C), padded (TH, TW: blocks down and across)
     tiles_w : int, TW
     """
@@ -137,7 +174,7 @@ def input_transform_forward(v, inp, tiles_w):
             for i in range(4):  # then B across each row
                 r = _bt(c0[i], c1[i], c2[i], c3[i])
                 for k in range(4):
-                    v[t, 4 * i + k, ch] = _bf16_bits(_float_bits(r[k]))
+                    v[t, 4 * i + k, ch] = _stored(r[k], v)
 
 
 @pjit

@@ -266,7 +266,7 @@ def test_one_packing_per_convolution(rng):
     assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
     assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd; the size is free: both packings
     assert fr._local.plans[big.shape].kernels["c"].startswith("winograd")
-    assert fr._packed["c"].panels is not None and fr._packed["c"]._winograd is not None
+    assert fr._packed["c"].panels is not None and fr._packed["c"].winograd_blocks() == [4]
     fr._local.plans.clear()
     first = fr.predict(small)                                    # a new plan: direct, as on a fresh model
     assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
@@ -281,7 +281,7 @@ def test_one_packing_per_convolution(rng):
     assert_close(done[0], naive.conv2d(odd, w, b, padding="same", relu=True), rtol=1e-4)
     fresh = model()
     fresh.predict(small)
-    assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd is None  # direct only
+    assert fresh._packed["c"].panels is not None and fresh._packed["c"].winograd_blocks() == []  # direct only
 
 
 def test_a_batch_runs_the_same_whatever_ran_before(rng):
@@ -303,6 +303,30 @@ def test_a_batch_runs_the_same_whatever_ran_before(rng):
         assert fr._local.plans[x.shape].kernels["c"].startswith("winograd")
     for got, want in zip(results["three first"], results["one first"]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_layer_released_to_f2x2_runs_f4x4_at_a_larger_batch_the_same_whatever_ran_first(rng):
+    """7x7x384: F(2x2, 3x3) for one image (F(4x4)'s 21 MB of weights would serve 4 blocks), F(4x4, 3x3) for two
+    (8 blocks).  Only the F(2x2) packing is kept (one image chose Winograd); F(4x4) is made from the kernel read
+    back from it, the same whichever batch came first."""
+    import naive
+    from conftest import assert_close
+
+    w = (rng.standard_normal((3, 3, 384, 384)) * 0.02).astype(np.float32)
+    b = rng.standard_normal(384).astype(np.float32)
+    x = images((2, 7, 7, 384), seed=9)
+    one_first, two_first = (_one_convolution(w, b, (7, 7, 384)) for _ in range(2))
+    results = {"one first": [one_first.predict(x[:1]), one_first.predict(x)]}
+    results["two first"] = [two_first.predict(x), two_first.predict(x[:1])][::-1]
+    expected = naive.conv2d(x, w, b, padding="same", relu=True)
+    for fr in (one_first, two_first):
+        assert fr._local.plans[x[:1].shape].kernels["c"].startswith("winograd F(2x2,3x3)")
+        assert fr._local.plans[x.shape].kernels["c"].startswith("winograd F(4x4,3x3)")
+        assert fr._packed["c"].panels is None and fr._packed["c"].base == 2
+    for got, want in zip(results["two first"], results["one first"]):
+        np.testing.assert_array_equal(got, want)
+    assert_close(results["one first"][0], expected[:1], rtol=3e-6)
+    assert_close(results["one first"][1], expected, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ a batch cut in two (model.HeadPlan)

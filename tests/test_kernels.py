@@ -306,7 +306,8 @@ def test_threading_layer_is_omp(rng):
     (2, 11, 10, 12, 4, "valid"),
     (2, 28, 28, 130, 66, "same"),    # the default rule picks Winograd here
 ])
-def test_winograd_matches_naive(case, rng):
+@pytest.mark.parametrize("block", [4, 2])
+def test_winograd_matches_naive(case, block, rng):
     n, h, w, cin, cout, padding = case
     x = rng.standard_normal((n, h, w, cin), dtype=np.float32)
     kernel = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
@@ -314,12 +315,12 @@ def test_winograd_matches_naive(case, rng):
     expected = naive.conv2d(x, kernel, bias, 1, padding)
     residual = rng.standard_normal(expected.shape, dtype=np.float32)
     pads = (1, 1, 1, 1) if padding == "same" else (0, 0, 0, 0)
-    plan = K.Conv2DPlan(K.pack_conv2d(kernel), x.shape, 1, pads, winograd=True)
-    assert plan.winograd
+    plan = K.Conv2DPlan(K.pack_conv2d(kernel), x.shape, 1, pads, winograd=block)
+    assert plan.winograd and plan.block == block and f"F({block}x{block},3x3)" in plan.kernel
     out = np.empty(expected.shape, np.float32)
     plan(out, x, bias, residual, True)
-    # F(4x4, 3x3) trades precision for speed: about 1e-5 of the output's magnitude
-    assert_close(out, np.maximum(expected + residual, 0), rtol=3e-5)
+    # F(4x4, 3x3) trades precision for speed: about 1e-5 of the output's magnitude; F(2x2, 3x3) about 1e-6
+    assert_close(out, np.maximum(expected + residual, 0), rtol=3e-5 if block == 4 else 3e-6)
 
 
 def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
@@ -337,14 +338,37 @@ def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
     assert_close(out, np.maximum(naive.conv2d(x, kernel, bias, 1, "same"), 0), rtol=3e-5)
 
 
+def test_a_packing_released_to_f2x2_reads_its_kernel_back_and_runs_f4x4(rng):
+    x = rng.standard_normal((2, 9, 7, 20), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, 20, 70), dtype=np.float32)
+    bias = rng.standard_normal(70, dtype=np.float32)
+    expected = np.maximum(naive.conv2d(x, kernel, bias, 1, "same"), 0)
+    whole = K.pack_conv2d(kernel)
+    packed = whole.release_direct(2)
+    assert packed.panels is None and packed.winograd_forms() == (4, 2) and whole.panels is not None
+    assert_close(packed.unpacked(), kernel.astype(np.float64), rtol=1e-6)   # float32's rounding of G g G^T
+    for block in (2, 4):
+        plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=block)
+        assert_close(plan(np.empty(expected.shape, np.float32), x, bias, relu=True), expected, rtol=3e-5)
+    assert K.winograd_choice(packed, (1, 4, 4, 20), 1, (1, 1, 1, 1)) in (2, 4)   # never the direct kernel now
+    only = whole.release_direct(4)
+    assert only.winograd_forms() == (4,)
+    with pytest.raises(ValueError, match="cannot be read back"):
+        only.unpacked()
+    with pytest.raises(ValueError, match="winograd=2"):
+        K.Conv2DPlan(only, x.shape, 1, (1, 1, 1, 1), winograd=2)
+
+
 def test_winograd_is_chosen_only_where_it_wins():
     big = K.pack_conv2d(np.zeros((3, 3, 512, 512), np.float32))
-    assert K.Conv2DPlan(big, (4, 7, 7, 512), 1, (1, 1, 1, 1)).winograd        # 16 blocks, 2.4 MB of weights each
-    assert not K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).winograd    # 8 blocks, 4.7 MB each
-    assert not K.Conv2DPlan(big, (1, 7, 7, 512), 1, (1, 1, 1, 1)).winograd
+    assert K.Conv2DPlan(big, (4, 7, 7, 512), 1, (1, 1, 1, 1)).block == 4     # 16 blocks, 2.4 MB of weights each
+    # F(4x4)'s 8 blocks at 4.7 MB each stream from memory; F(2x2)'s 32 blocks share 16.8 MB (0.5 MB each)
+    assert K.Conv2DPlan(big, (2, 7, 7, 512), 1, (1, 1, 1, 1)).block == 2
+    assert K.Conv2DPlan(big, (1, 7, 7, 512), 1, (1, 1, 1, 1)).block == 2     # 16 blocks (1 MB each)
+    assert not K.Conv2DPlan(big, (1, 4, 4, 512), 1, (1, 1, 1, 1)).winograd    # 4 blocks (4.2 MB each)
     assert not K.Conv2DPlan(big, (2, 14, 14, 512), 2, (1, 1, 1, 1)).winograd   # stride 2
     small = K.pack_conv2d(np.zeros((3, 3, 64, 64), np.float32))
-    assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).winograd
+    assert K.Conv2DPlan(small, (1, 56, 56, 64), 1, (1, 1, 1, 1)).block == 4
     assert K.Conv2DPlan(small, (1, 16, 16, 64), 1, (1, 1, 1, 1)).winograd       # 19 MFLOP, 16 blocks
     assert not K.Conv2DPlan(small, (1, 8, 8, 64), 1, (1, 1, 1, 1)).winograd    # 4.7 MFLOP
     assert not K.Conv2DPlan(small, (3, 8, 8, 64), 1, (1, 1, 1, 1)).winograd    # 12 blocks of 4 an image, 14 MFLOP

@@ -34,22 +34,23 @@ def test_first_plan_measures_and_records_then_later_plans_read(store, rng, monke
     records = json.loads(store.read_text())
     machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
     (key, choice), = records[machine].items()
-    assert choice == ("winograd" if plan.winograd else "direct")
+    assert key.endswith("[direct F4 F2]")  # the candidates: the direct kernel, F(4x4, 3x3), F(2x2, 3x3)
+    assert choice == (f"winograd F({plan.block}x{plan.block},3x3)" if plan.winograd else "direct")
 
     def no_timing(*args):
         raise AssertionError("a recorded choice was measured again")
 
     monkeypatch.setattr(wisdom, "choose", no_timing)
     monkeypatch.setitem(wisdom._state, "records", None)   # as a new process: read from the file
-    assert K.Conv2DPlan(packed(rng), SHAPE, 1, PADS).winograd == plan.winograd
+    assert K.Conv2DPlan(packed(rng), SHAPE, 1, PADS).block == plan.block
 
 
-@pytest.mark.parametrize("choice", ["winograd", "direct"])
-def test_a_recorded_choice_is_followed(store, rng, choice):
-    key = f"conv3x3 {'x'.join(map(str, SHAPE))}->64 pads {','.join(map(str, PADS))}"
+@pytest.mark.parametrize("choice,block", [("winograd F(4x4,3x3)", 4), ("winograd F(2x2,3x3)", 2), ("direct", 0)])
+def test_a_recorded_choice_is_followed(store, rng, choice, block):
+    key = f"conv3x3 {'x'.join(map(str, SHAPE))}->64 pads {','.join(map(str, PADS))} [direct F4 F2]"
     store.write_text(json.dumps({f"{conv.MACHINE} | {K.get_num_threads()} threads": {key: choice}}))
     plan = K.Conv2DPlan(packed(rng), SHAPE, 1, PADS)
-    assert plan.winograd == (choice == "winograd")
+    assert plan.block == block and plan.winograd == bool(block)
     x = rng.standard_normal(SHAPE, dtype=np.float32)
     out = np.empty(plan.output_shape, np.float32)
     bias = np.zeros(64, np.float32)
@@ -66,7 +67,7 @@ def test_off_follows_the_rule_and_writes_nothing(store, rng, monkeypatch):
     rule = (blocks >= conv.WINOGRAD_MIN_TILES and flops >= conv.WINOGRAD_MIN_FLOPS
             or blocks >= conv.WINOGRAD_IMAGE_TILES and flops >= conv.WINOGRAD_SMALL_FLOPS)
     assert n == 1 and 36 * 32 * 64 * 4 <= conv.WINOGRAD_BLOCK_BYTES * blocks
-    assert K.Conv2DPlan(packed(rng), SHAPE, 1, PADS).winograd == rule
+    assert K.Conv2DPlan(packed(rng), SHAPE, 1, PADS).block == (4 if rule else 0)
     assert not store.exists()
 
 

@@ -16,8 +16,8 @@ inputs after a ReLU, against float64), the error's RMS relative to the output's:
 
 Why F(2x2) in float32 too: where a layer has few output pixels (7x7 at batch 1), F(4x4)'s
 weights are read from memory for 4 blocks, and the direct kernel won; F(2x2)'s (16/9 the direct
-ones) serve 16 blocks.  ResNet50's 7x7x512 -> 512 at batch 1 (Zen 4, weights evicted): direct 1.26
-ms, F(4x4) 1.34 ms, F(2x2)'s products 0.89 ms.
+ones) serve 16 blocks.  ResNet50's 7x7x512 -> 512 at batch 1 (Zen 4, weights evicted, same process):
+direct 1.16 ms, F(4x4) 1.10 ms, F(2x2) 0.81 ms.
 """
 import numpy as np
 from llvmlite import ir

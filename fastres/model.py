@@ -499,11 +499,11 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
 
 def _winograd_blocks(out, n, cin, precision):
     """The most products x blocks a Winograd plan of any of the precision's forms holds at once (``Conv2DPlan``'s
-    ``images`` at a time), for an output of (OH, OW, Cout)."""
+    ``images`` at a time: ``conv.winograd_images``), for an output of (OH, OW, Cout)."""
     most = 0
     for block in K.conv.WINOGRAD_FORMS[precision]:
-        tiles = (block + 2) ** 2 * -(-out[0] // block) * -(-out[1] // block)  # products x blocks of one image
-        most = max(most, tiles * max(1, min(n, K.conv.WINOGRAD_BYTES // (tiles * max(cin, out[-1]) * 4))))
+        images, image_tiles = K.conv.winograd_images(n, block, out[:2], cin, out[-1])
+        most = max(most, (block + 2) ** 2 * image_tiles * images)
     return most
 
 

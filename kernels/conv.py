@@ -151,10 +151,6 @@ class PackedConv2D:
         """The Winograd packings made so far."""
         return list(self._winograd.values())
 
-    def winograd_blocks(self):
-        """The output block sizes of the Winograd packings made so far."""
-        return list(self._winograd)
-
     def winograd_panels(self, block=None):
         """The transformed kernel of Winograd F(block x block, 3x3), packed: block 4 (float32 only) gives
         (36, ceil(Cout / 64), Cin, 64), block 2 (16, ceil(Cout / 64), Cin, 64), in bf16 (16, ceil(Cout / 64),
@@ -875,13 +871,11 @@ class Conv2DPlan:
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
         if self.winograd:
             block, products = self.block, (self.block + 2) ** 2
-            image_tiles = -(-oh // block) * -(-ow // block)
+            self.images, image_tiles = winograd_images(n, block, (oh, ow), cin, cout)
             # pad to whole input blocks (6x6 or 4x4): block * blocks + 2 rows and columns
             self.tiles_w = -(-ow // block)
             hp, wp = block * -(-oh // block) + 2, block * self.tiles_w + 2
             self.pads = (top, hp - h - top, left, wp - w - left)
-            # a few images at a time, so the transformed blocks stay in cache
-            self.images = max(1, min(n, WINOGRAD_BYTES // (products * image_tiles * max(cin, cout) * 4)))
             self.v = _memory.empty(products * self.images * image_tiles * cin,
                                    np.uint16 if packed.precision == "bf16" else np.float32)
             self.m = _memory.empty(products * self.images * image_tiles * cout)
@@ -1108,6 +1102,15 @@ def evict_forward(array):
     flat = array.reshape(-1)
     for i in range(0, flat.size, LINE_BYTES // flat.itemsize):
         evict_line(flat, i)
+
+
+def winograd_images(n, block, output_size, cin, cout):
+    """(images a Winograd F(block x block, 3x3) plan transforms at a time, its blocks of one image): a few images
+    of a batch of ``n`` at a time, so that the transformed blocks stay in cache (about ``WINOGRAD_BYTES``).
+    ``output_size``: (OH, OW)."""
+    image_tiles = -(-output_size[0] // block) * -(-output_size[1] // block)
+    products = (block + 2) ** 2
+    return max(1, min(n, WINOGRAD_BYTES // (products * image_tiles * max(cin, cout) * 4))), image_tiles
 
 
 def _winograd_name(block):

@@ -266,7 +266,7 @@ def test_one_packing_per_convolution(rng):
     assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
     assert_close(fr.predict(big), expected[big.shape], rtol=1e-4)  # Winograd; the size is free: both packings
     assert fr._local.plans[big.shape].kernels["c"].startswith("winograd")
-    assert fr._packed["c"].panels is not None and fr._packed["c"].winograd_blocks() == [4]
+    assert fr._packed["c"].panels is not None and list(fr._packed["c"]._winograd) == [4]
     fr._local.plans.clear()
     first = fr.predict(small)                                    # a new plan: direct, as on a fresh model
     assert fr._local.plans[small.shape].kernels["c"].startswith("direct")
@@ -281,7 +281,7 @@ def test_one_packing_per_convolution(rng):
     assert_close(done[0], naive.conv2d(odd, w, b, padding="same", relu=True), rtol=1e-4)
     fresh = model()
     fresh.predict(small)
-    assert fresh._packed["c"].panels is not None and fresh._packed["c"].winograd_blocks() == []  # direct only
+    assert fresh._packed["c"].panels is not None and fresh._packed["c"]._winograd == {}  # direct only
 
 
 def test_a_batch_runs_the_same_whatever_ran_before(rng):

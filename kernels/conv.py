@@ -52,6 +52,13 @@ NARROW_TILE = TILE - 2
 # pass is short and the fetches cost more than they save (bf16 28x28x128 -> 512, 16 KiB: 1.04x); a larger
 # one and the next do not both stay in L2 (float32 7x7x2048 -> 512, 512 KiB: 1.0-1.02x).
 FETCH_MIN_BYTES, FETCH_MAX_BYTES = 32 << 10, l2_bytes() // 8
+# the prefetch hints' locality (LLVM's 3: prefetcht0, 2: prefetcht1): a panel's next rows, read within the
+# pass, 3; another part of the weights, ``_fma_chunk``'s ``ahead`` (a chunk or panel read from the next call
+# on), 2.  ``conv2d_stream_forward``'s layers at 64x64 (stage 4: 4x4x1024 -> 256, 4x4x256 3x3,
+# 4x4x256 -> 1024) took 0.92-0.94x the time with 2 than with 3 (1: the same as 2, 0: 1.0x); the next-panel
+# fetches of ``conv2d_forward`` 0.99-1.01x either way; its own rows ahead with 2 0.97-1.05x: kept at 3
+# (Zen 4, weights evicted, same process)
+FETCH_LOCALITY, AHEAD_LOCALITY = 3, 2
 GROUP_BYTES = l2_bytes() // 4  # weight panels of one task (``work_split``'s rule): a quarter of L2
 # Winograd where it was measured to win (Zen 3, 2 cores, weights evicted, against the direct kernel, vector
 # transforms): 56x56x64 2.2x, 28x28x128 2.5x, 14x14x256 1.6x at batch 1; 7x7x512 1.2x at batch 4, 1.3x at
@@ -436,7 +443,7 @@ def _emit_tile(context, builder, signature, args, chunk, pixels=TILE):
                         fetch_at = builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements)])
                     for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
                         ahead = builder.bitcast(builder.gep(fetch_at, [i64(line)]), i8.as_pointer())
-                        builder.call(hint, [ahead, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
+                        builder.call(hint, [ahead, i32(0), i32(AHEAD_LOCALITY if chunk else FETCH_LOCALITY), i32(1)])
                 if not pairs or dot:  # (the widened rows are loaded one at a time, below)
                     ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
                                                        (vi if pairs else vf).as_pointer()), align=4)

@@ -232,6 +232,8 @@ def infer_shapes(layers, input_shape):
                     "GlobalMaxPooling2D") and len(x) != 3:
             raise ModelFormatError(f"{layer.where} needs an image input, got shape {x}")
         if kind == "Conv2D":
+            if any(s != x for s in ins[1:]):  # two stacked inputs (``rewrites.stack_shortcut``)
+                raise ModelFormatError(f"{layer.where} stacks inputs of shapes {ins}")
             h, w, _ = x
             t, b, l, r = layer.pads
             h = None if h is None else h + t + b

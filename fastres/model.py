@@ -245,9 +245,9 @@ class Model:
             out = shapes[op.name]
             ins = shapes[op.inputs[0]] if op.inputs else shape
             params = self._params[op.name]
-            if op.kind == "Conv2D":
+            if op.kind == "Conv2D":  # (of each input: two stacked ones, ``rewrites.stack_shortcut``)
                 kh, kw = op.attrs["kernel"]
-                flops = 2 * int(np.prod(out)) * kh * kw * ins[-1]
+                flops = 2 * int(np.prod(out)) * kh * kw * ins[-1] * len(op.inputs)
             elif op.kind == "Dense":
                 flops = 2 * int(np.prod(out)) * ins[-1]
             elif op.kind in ("MaxPooling2D", "AveragePooling2D"):
@@ -258,7 +258,8 @@ class Model:
                 flops = 2 * int(np.prod(out))
             else:
                 flops = 0
-            kind = op.kind + ("" if op.activation.linear else f"+{op.activation}") + ("+residual" if op.residual else "")
+            kind = "+".join([op.kind] * len(op.inputs)) if op.kind == "Conv2D" else op.kind
+            kind += ("" if op.activation.linear else f"+{op.activation}") + ("+residual" if op.residual else "")
             rows.append({"name": op.name, "kind": kind, "folded": list(op.folded), "output_shape": [None, *out],
                          "params": int(params), "flops": int(flops)})
         return rows
@@ -427,32 +428,53 @@ def _last_uses(ops, output):
     return last_use
 
 
-def _layout(ops, output, shapes, n):
-    """Buffers of one forward pass: (slot of each value, size of each slot in floats).
+def _stacked_inputs(ops):
+    """{value: (its partner, its place 0 or 1)} for the two inputs of each stacked convolution (``rewrites.stack_shortcut``)."""
+    pairs = {}
+    for op in ops:
+        if op.kind == "Conv2D" and len(op.inputs) == 2:
+            first, second = op.inputs
+            pairs[first], pairs[second] = (second, 0), (first, 1)
+    return pairs
 
-    A value's slot is reused once its last reader has run; a Flatten is a view of its input.
+
+def _layout(ops, output, shapes, n):
+    """Buffers of one forward pass: (slot of each value, its offset in the slot in floats, size of each slot).
+
+    A value's slot is reused once its last reader has run; a Flatten is a view of its input.  The two
+    inputs of a stacked convolution share one slot, the first input then the second: the first of them
+    made takes the slot for both.
     """
     last_use = _last_uses(ops, output)
-    slots, free, slot_of, users = [], [], {}, {}
+    pairs = _stacked_inputs(ops)
+    slots, free, slot_of, offset_of, users = [], [], {}, {}, {}
     for i, op in enumerate(ops):
+        size = n * math.prod(shapes[op.name])
         if op.kind == "Flatten":
-            slot = slot_of[op.inputs[0]]
+            slot, offset_of[op.name] = slot_of[op.inputs[0]], offset_of[op.inputs[0]]
+        elif op.name in slot_of:  # the second made of a stacked pair: its place is kept
+            slot = slot_of[op.name]
         else:
-            size = n * math.prod(shapes[op.name])
-            fits = [s for s in free if slots[s] >= size]
+            joint = 2 * size if op.name in pairs else size
+            fits = [s for s in free if slots[s] >= joint]
             if fits:
                 slot = min(fits, key=lambda s: slots[s])
                 free.remove(slot)
             else:
                 slot = len(slots)
-                slots.append(size)
+                slots.append(joint)
+            offset_of[op.name] = 0
+            if op.name in pairs:
+                partner, place = pairs[op.name]
+                slot_of[partner], offset_of[op.name], offset_of[partner] = slot, place * size, (1 - place) * size
+                users.setdefault(slot, set()).add(partner)
         slot_of[op.name] = slot
         users.setdefault(slot, set()).add(op.name)
         for name in [v for v in slot_of if last_use.get(v, -1) == i and v != output]:
             users[slot_of[name]].discard(name)
             if not users[slot_of[name]] and slot_of[name] not in free:
                 free.append(slot_of[name])
-    return slot_of, slots
+    return slot_of, offset_of, slots
 
 
 def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
@@ -477,7 +499,7 @@ def _scratch_bytes(op, shapes, input_shape, n, precision="fp32"):
         rows, cols = (x[0] + sum(op.pads[:2]) + kh, x[1] + sum(op.pads[2:]) + kw) if op.kind == "Conv2D" else (1, 1)
         padded = math.prod(x[:-1]) if op.kind == "Dense" else rows * cols * (cin + 1)
         gathered = math.prod(out[:-1]) * amx.im2col_depth((kh, kw), cin) if amx.gathered((kh, kw), cin) else 0
-        rounded = padded + gathered  # a gathering plan keeps its rounded, padded input too
+        rounded = (padded + gathered) * len(op.inputs)  # a gathering plan keeps its rounded, padded input too
         # (counted at 4 bytes: where the bf16 weights are widened, the padded input stays float32)
         found["own"] += 4 * (n * rounded + (32 + kw) * (kh * kw * cin + 32))  # and a tile block's slack
         if op.kind == "Conv2D" and (kh, kw) == (3, 3) and op.attrs["stride"] == 1:  # Winograd F(2x2, 3x3)
@@ -521,7 +543,7 @@ def plan_bytes(ops, output, shape, precision="fp32"):
     total, scratch = 0 if cut is None else 4 * math.prod(shape), []
     for part_ops, part_output, part_shape in parts:
         part_shapes = infer_shapes(part_ops, part_shape[1:])
-        _, slots = _layout(part_ops, part_output, part_shapes, part_shape[0])
+        _, _, slots = _layout(part_ops, part_output, part_shapes, part_shape[0])
         total += 4 * (sum(slots) + part_shape[0] * math.prod(part_shapes[part_output]))
         scratch += [_scratch_bytes(op, part_shapes, part_shape[1:], part_shape[0], precision) for op in part_ops]
     shared = sum(max((s.get(kind, 0) for s in scratch), default=0) for kind in _SharedScratch.KINDS)
@@ -601,12 +623,16 @@ class Plan:
         ops, output = (model._ops, model._output) if ops is None else (ops, output)
         shapes = model._plan_shapes(shape) if shapes is None else shapes
         n = shape[0]
-        slot_of, slots = _layout(ops, output, shapes, n)
+        slot_of, offset_of, slots = _layout(ops, output, shapes, n)
         # 64-byte aligned (whole-line vector stores), and each slot at its own offset in its pages: a kernel
         # reading one slot while it writes another (a residual, an input) then never waits on 4K aliasing
         stores = [K.aligned_empty(size, page_offset=SLOT_STAGGER * i % PAGE) for i, size in enumerate(slots)]
-        values = {name: stores[slot][:n * math.prod(shapes[name])].reshape((n, *shapes[name]))
-                  for name, slot in slot_of.items()}
+
+        def view(name, count=1):  # ``count`` values from ``name``'s place in its slot (a stacked pair: 2)
+            at, size = offset_of[name], n * math.prod(shapes[name])
+            return stores[slot_of[name]][at:at + count * size].reshape((count * n, *shapes[name]))
+
+        values = {name: view(name) for name in slot_of}
         self.steps, self.names, self.kernels = [], [], {}
         own_scratch = scratch is None
         scratch = _SharedScratch() if own_scratch else scratch
@@ -615,6 +641,8 @@ class Plan:
                 self.input = values[op.name]
             elif op.kind != "Flatten":  # a Flatten is a view of its input's buffer
                 ins = [values[name] for name in op.inputs]
+                if op.kind == "Conv2D" and len(ins) == 2:  # both inputs, one after the other (``_layout``)
+                    ins = [view(op.inputs[0], 2)]
                 steps = _steps(model, op, ins, values[op.name], values.get(op.residual), scratch)
                 self.kernels.update({op.name: step.kernel for step in steps if hasattr(step, "kernel")})
                 self.steps.extend(steps)
@@ -763,6 +791,9 @@ def _steps(model, op, ins, out, residual, scratch):
         packed, bias = model._packed[op.name], model._bias[op.name]
         if kind == "Dense":
             x4, out4 = x.reshape(-1, 1, 1, x.shape[-1]), out.reshape(-1, 1, 1, out.shape[-1])
+            pads, stride = (0, 0, 0, 0), 1
+        elif len(op.inputs) == 2:  # stacked inputs (2N, H, W, C): one image of 2 rows, a 2x1 kernel
+            x4, out4 = x.reshape(1, 2, -1, x.shape[-1]), out.reshape(1, 1, -1, out.shape[-1])
             pads, stride = (0, 0, 0, 0), 1
         else:
             x4, out4, stride = x, out, a["stride"]

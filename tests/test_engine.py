@@ -48,6 +48,9 @@ def test_course_resnet50(version, suffix, files):
     # every batch-norm is folded and every Add fused into a convolution
     kinds = [kind for _, kind, _ in fr.operations]
     assert "BatchNormalization" not in kinds and "Add" not in kinds and "Activation" not in kinds
+    # the stride-1 projection shortcut (res2a_branch1) and the block's last convolution run as one
+    stacked = [row for row in fr.describe() if row["kind"] == "Conv2D+Conv2D+relu"]
+    assert len(stacked) == 1 and {stacked[0]["name"], stacked[0]["folded"][0]} == {"res2a_branch1", "res2a_branch2c"}
 
 
 def test_course_resnet50_softmax_output(files):
@@ -70,7 +73,9 @@ def test_applications_resnet(depth, size, batch, version, files):
     path = files / f"resnet{depth}_{size}_{version}{'.keras' if version == 'keras3' else '.h5'}"
     model = build_and_save(keras, lambda: km.applications_resnet(keras, depth, (size, size, 3), classes=10), depth, path)
     x = images((batch, size, size, 3), seed=depth)
-    assert_matches(fastres.load(path).predict(x), model(x, training=False))
+    fr = fastres.load(path)
+    assert_matches(fr.predict(x), model(x, training=False))
+    assert [row["name"] for row in fr.describe() if row["kind"] == "Conv2D+Conv2D+relu"] == ["conv2_block1_0_conv"]
 
 
 def test_resnet101_at_224(files):

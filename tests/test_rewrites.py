@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 
 from fastres.graph import Activation, Layer
+from fastres.model import _layout
 from fastres.rewrites import (PASSES, drop_identities, fold_into_consumer, fold_into_producer, fold_padding,
                               fuse_activation, rewrite, to_scale_shift)
 
 
-def conv(name, src, padding="valid", kernel=3, filters=4, cin=3, rng=None):
+def conv(name, src, padding="valid", kernel=3, filters=4, cin=3, rng=None, stride=1):
     rng = rng or np.random.default_rng(0)
-    return Layer(name, "Conv2D", [src], dict(filters=filters, kernel=(kernel, kernel), stride=1, padding=padding,
+    return Layer(name, "Conv2D", [src], dict(filters=filters, kernel=(kernel, kernel), stride=stride, padding=padding,
                                              use_bias=True, activation=Activation()),
                  weights=[rng.standard_normal((kernel, kernel, cin, filters)).astype(np.float32),
                           rng.standard_normal(filters).astype(np.float32)])
@@ -64,4 +65,46 @@ def test_identities_vanish_and_padding_folds():
 
 def test_pass_order():
     assert [p.__name__ for p in PASSES] == ["drop_identities", "to_scale_shift", "fold_padding", "fold_into_producer",
-                                            "fold_into_consumer", "fuse_add", "fuse_activation"]
+                                            "fold_into_consumer", "fuse_add", "fuse_activation", "stack_shortcut"]
+
+
+def projection_block(cin=16, stride=1, same_input=False):
+    """A bottleneck block's end: ``body`` (a 3x3 of the input), then Add(1x1 of the input, 1x1 of ``body``), ReLU."""
+    rng = np.random.default_rng(2)
+    return [Layer("in", "InputLayer", []), conv("body", "in", "same", 3, cin, cin, rng, stride),
+            conv("shortcut", "in", "valid", 1, 32, cin, rng, stride),
+            conv("last", "in" if same_input else "body", "valid", 1, 32, cin, rng),
+            Layer("sum", "Add", ["shortcut", "last"], dict(activation=Activation())),
+            Layer("out", "ReLU", ["sum"], dict(activation=Activation("relu")))]
+
+
+def test_a_stride_1_projection_shortcut_stacks_with_the_last_convolution():
+    layers = projection_block()
+    out, output = rewrite(layers, "out", (6, 6, 16))
+    assert kinds(out) == ["InputLayer", "Conv2D", "Conv2D"] and output == "shortcut"
+    stacked = out[2]
+    assert stacked.inputs == ["body", "in"] and stacked.residual is None and stacked.activation.plain_relu
+    assert stacked.folded == ["last", "sum", "out"] and stacked.weights[0].shape == (2, 1, 16, 32)
+    # a pixel of each input: the 2x1 kernel on the two stacked equals the two convolutions summed
+    rng = np.random.default_rng(3)
+    body, x = rng.standard_normal(16), rng.standard_normal(16)
+    (w_short, b_short), (w_last, b_last) = layers[2].weights, layers[3].weights
+    expected = x @ w_short[0, 0] + b_short + body @ w_last[0, 0] + b_last
+    kernel, bias = stacked.weights
+    np.testing.assert_allclose(body @ kernel[0, 0] + x @ kernel[1, 0] + bias, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cin,stride,same_input", [(16, 2, False), (8, 1, False), (16, 1, True)])
+def test_a_projection_shortcut_stays_apart(cin, stride, same_input):
+    """Strided (the inputs differ in shape), channels not whole cache lines, or both reading the same input."""
+    out, _ = rewrite(projection_block(cin, stride, same_input), "out", (6, 6, cin))
+    assert kinds(out) == ["InputLayer", "Conv2D", "Conv2D", "Conv2D"] and out[3].residual is not None
+
+
+def test_stacked_inputs_share_a_slot_first_then_second():
+    out, output = rewrite(projection_block(), "out", (6, 6, 16))
+    shapes = {"in": (6, 6, 16), "body": (6, 6, 16), "shortcut": (6, 6, 32)}
+    slot_of, offset_of, slots = _layout(out, output, shapes, 3)
+    size = 3 * 6 * 6 * 16
+    assert slot_of["in"] == slot_of["body"] and slots[slot_of["in"]] == 2 * size
+    assert (offset_of["body"], offset_of["in"]) == (0, size) and slot_of["shortcut"] != slot_of["in"]

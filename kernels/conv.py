@@ -443,7 +443,8 @@ def _emit_tile(context, builder, signature, args, chunk, pixels=TILE):
                         fetch_at = builder.gep(w_at, [i64(PREFETCH_ROWS * step_elements)])
                     for line in range(0, step_elements, LINE_BYTES // (2 if pairs else 4)):
                         ahead = builder.bitcast(builder.gep(fetch_at, [i64(line)]), i8.as_pointer())
-                        builder.call(hint, [ahead, i32(0), i32(AHEAD_LOCALITY if chunk else FETCH_LOCALITY), i32(1)])
+                        locality = AHEAD_LOCALITY if chunk else FETCH_LOCALITY
+                        builder.call(hint, [ahead, i32(0), i32(locality), i32(1)])  # a read, of data
                 if not pairs or dot:  # (the widened rows are loaded one at a time, below)
                     ws = [builder.load(builder.bitcast(builder.gep(w_at, [i64(VECTOR_FLOATS * j * (1 + pairs))]),
                                                        (vi if pairs else vf).as_pointer()), align=4)

@@ -220,6 +220,14 @@ def _at_lanes(dst, out0, out_step, src, in0, in_step, lanes):
         dst[out0 + 3 * out_step, l] = r[3]
 
 
+@inline
+def block_origin(t, tiles_h, tiles_w, block):
+    """(image, first row, first column) of output block ``t``, of ``block`` x ``block`` pixels: ``tiles_h`` x
+    ``tiles_w`` blocks an image, numbered image by image, row by row (the transforms' order)."""
+    img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
+    return img, rest // tiles_w * block, rest % tiles_w * block
+
+
 @pjit
 def input_transform_forward(v, inp, tiles_w):
     """``v[t, :, c] = B^T d B`` for every 6x6 input block ``d`` of every channel.
@@ -245,8 +253,8 @@ def input_transform_forward(v, inp, tiles_w):
     for t in prange(tiles):
         d = carray(stack_f32(LANES36), (36, LANES))
         e = carray(stack_f32(LANES36), (36, LANES))
-        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        base = np.uint64(((img * hp + rest // tiles_w * 4) * wp + rest % tiles_w * 4) * c)
+        img, y0, x0 = block_origin(t, tiles_h, tiles_w, 4)
+        base = np.uint64(((img * hp + y0) * wp + x0) * c)
         out = np.uint64(t * 36 * c)
         for ch0 in range(0, c, LANES):
             if ch0 + LANES <= c:
@@ -299,8 +307,7 @@ def output_transform_forward(out, m, bias, residual, relu):
         e = carray(stack_f32(LANES24), (24, LANES))
         f_ptr = stack_f32(LANES16)
         f = carray(f_ptr, (16, LANES))
-        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        y0, x0 = rest // tiles_w * 4, rest % tiles_w * 4
+        img, y0, x0 = block_origin(t, tiles_h, tiles_w, 4)
         rows, cols = min(4, oh - y0), min(4, ow - x0)
         dst = np.uint64(((img * oh + y0) * ow + x0) * cout)
         for ch0 in range(0, cout, LANES):

@@ -28,7 +28,7 @@ from . import _memory
 from ._numba import VECTOR_FLOATS, jit, pjit
 from ._tile import rounded_vector
 from .bf16 import _bf16_bits, pack_bf16
-from .winograd import _is_flat, _Vector
+from .winograd import _is_flat, _Vector, block_origin
 
 PRODUCTS = 16  # (2 + 2) x (2 + 2)
 BLOCK = 2      # output rows and columns of a block
@@ -161,8 +161,7 @@ def input_transform_forward(v, inp, tiles_w):
     x, flat = inp.reshape(-1), v.reshape(-1)
     vectors = c - c % VECTOR_FLOATS
     for t in prange(tiles):
-        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
+        img, y0, x0 = block_origin(t, tiles_h, tiles_w, BLOCK)
         top = ((img * hp + y0) * wp + x0) * c
         o = t * PRODUCTS * c
         for ch in range(0, vectors, VECTOR_FLOATS):
@@ -206,8 +205,7 @@ def output_transform_forward(out, m, bias, residual, relu):
                                np.uint64(15 * plane))
     zero = np.float32(0.0)
     for t in prange(tiles):
-        img, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-        y0, x0 = rest // tiles_w * BLOCK, rest % tiles_w * BLOCK
+        img, y0, x0 = block_origin(t, tiles_h, tiles_w, BLOCK)
         y1, x1 = min(y0 + 1, oh - 1), min(x0 + 1, ow - 1)
         # unsigned offsets: no negative-index test per load, and the loop over channels vectorises
         o00, o01 = np.uint64(((img * oh + y0) * ow + x0) * cout), np.uint64(((img * oh + y0) * ow + x1) * cout)

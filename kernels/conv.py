@@ -26,8 +26,8 @@ from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
-                     fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, pjit, stack_f32,
-                     stack_u64)
+                     fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, peek_task, pjit, stack_f32,
+                     stack_u64, task_counters)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -256,7 +256,7 @@ def work_split(runs, ntiles, nblk, depth, threads, tile_pixels=TILE):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (about ``GROUP_BYTES`` of weights), panel by panel,
-    for a run of about ``CHUNK`` tiles.  The threads take the tasks in turn (``next_task``), and
+    for a run of about ``CHUNK`` tiles.  The threads take the tasks as they finish their last (``next_task``), and
     the last ones to finish idle while the others end theirs, so the task count is grown
     until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
     thread.  Each cut along the pixels reads a
@@ -553,21 +553,22 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     weights = panels.reshape(-1)
     panel_size = panels[0, 0].size  # elements
     fetch_next = FETCH_MIN_BYTES < panel_size * panels.itemsize <= FETCH_MAX_BYTES
-    taken = np.zeros(1, np.int64)  # tasks handed out so far
-    # each thread takes the next task when done with its last (``next_task``): on a shared VM one core can
-    # run slower than the other for a while, and a share fixed in advance then waits for it.  The first
-    # iteration of each thread takes tasks until none are left; its others find none.
+    taken = task_counters()  # tasks taken so far from each thread's run of them
+    # each thread takes its next task when done with its last (``next_task``: its own run of tasks first, then
+    # the others'): on a shared VM one core can run slower than the other for a while, and a share fixed in
+    # advance then waits for it.  The first iteration of each thread takes tasks until none are left; its
+    # others find none.
     for _ in prange(ntasks):
         acc_ptr = stack_f32(ACC)
         acc = carray(acc_ptr, (TILE, PANEL))
         xb_ptr = stack_u64(TILE)
         xb = carray(xb_ptr, (TILE,))
-        task = next_task(taken)
+        task = next_task(taken, ntasks)
         while task < ntasks:
             run, first, wset, begin, last = _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks)
             # the passes after a panel's first read it from cache, and fetch the next panel from memory as they
             # go, each its share (``ahead`` elements a step): the task's next panel, or after its last the first
-            # of the task to be handed out next (most likely to this thread).  See ``FETCH_MIN_BYTES``.
+            # of the task this thread will most likely take next (``peek_task``).  See ``FETCH_MIN_BYTES``.
             later = last - begin - 1
             ahead = (panel_size + later * depth - 1) // max(1, later * depth)
             for b in range(nblk):
@@ -597,7 +598,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     if tile == begin + 1 and fetch_next:  # (after the first pass: the other threads have taken theirs)
                         next_panel = (wset * nblk + b + 1) * panel_size
                         if b + 1 == min(first + group, nblk):
-                            following = taken[0]  # (read as a hint, not taken)
+                            following = peek_task(taken, ntasks)  # (a hint, not taken)
                             next_first, next_set = _task_tiles(following, runs, ngroups, group, sets, ntiles, nchunks)[1:3]
                             next_panel = (next_set * nblk + next_first) * panel_size if following < ntasks else -1
                     if next_panel >= 0:
@@ -613,7 +614,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                     else:
                         _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
-            task = next_task(taken)
+            task = next_task(taken, ntasks)
 
 
 @pjit
@@ -651,12 +652,12 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
     narrow = _narrow_tile(ntiles, run_pixels)  # (16 pixels: 6 + 6 + 4)
-    taken = np.zeros(1, np.int64)
+    taken = task_counters()
     for _ in prange(ntasks):
         saved = stack_f32(STREAM_ACC)  # each tile's sums between chunks
         xb_ptr = stack_u64(TILE)
         xb = carray(xb_ptr, (TILE,))
-        task = next_task(taken)
+        task = next_task(taken, ntasks)
         while task < ntasks:
             run, first, wset, begin, last = _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks)
             total = min(group, nblk - first) * panel_chunks
@@ -693,7 +694,7 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
                         if part == panel_chunks - 1:
                             store_tile(y, res, carray(acc_ptr, (TILE, PANEL)), acc_ptr, run * run_pixels + local0, c0,
                                        (run + 1) * run_pixels, has_residual, relu)
-            task = next_task(taken)
+            task = next_task(taken, ntasks)
 
 
 def direct_kernel(ntiles, nchunks):

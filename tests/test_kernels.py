@@ -1,9 +1,11 @@
 """Every kernel against its slow reference in tests/naive.py."""
+import numba
 import numpy as np
 import pytest
+from numba import prange
 
 import fastres.kernels as K
-from fastres.kernels._numba import PANEL
+from fastres.kernels._numba import PANEL, jit, next_task, peek_task, pjit, task_counters
 from conftest import assert_close
 import naive
 
@@ -292,6 +294,56 @@ def test_num_threads_control():
         K.set_num_threads(0)
     with pytest.raises(ValueError, match="n must be an int"):
         K.set_num_threads(1.5)
+
+
+@pjit
+def _take_tasks(seen, ntasks):
+    """Every thread takes tasks as the convolutions do; ``seen[thread, task]`` counts what each took."""
+    taken = task_counters()
+    for _ in prange(ntasks):
+        me = numba.get_thread_id()
+        task = next_task(taken, ntasks)
+        while task < ntasks:
+            seen[me, task] += 1
+            task = next_task(taken, ntasks)
+
+
+@jit
+def _peeks_and_takes(taken, ntasks):
+    """(what ``peek_task`` said, what ``next_task`` gave) at each step, on one thread, until none is left."""
+    steps = np.empty((ntasks + 1, 2), np.int64)
+    for k in range(ntasks + 1):
+        steps[k, 0] = peek_task(taken, ntasks)
+        steps[k, 1] = next_task(taken, ntasks)
+    return steps
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ntasks", [0, 1, 2, 3, 33, 200])
+def test_next_task_hands_out_every_task_once(threads, ntasks):
+    before = K.get_num_threads()
+    K.set_num_threads(threads)
+    try:
+        for _ in range(20):
+            seen = np.zeros((threads, ntasks), np.int64)
+            _take_tasks(seen, ntasks)
+            assert (seen.sum(axis=0) == 1).all()
+    finally:
+        K.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ntasks", [1, 5, 33])
+def test_next_task_takes_own_run_first_then_the_others(ntasks):
+    # on one thread (id 0) with counters for three: its own run of tasks in order, then the second's and the
+    # third's, each in order; ``peek_task`` foretells each of its own and then says none
+    steps = _peeks_and_takes(np.zeros(3, np.int64), ntasks)
+    own = ntasks // 3
+    assert steps[:, 1].tolist() == list(range(ntasks)) + [ntasks]
+    assert steps[:, 0].tolist() == list(range(own)) + [ntasks] * (ntasks + 1 - own)
+    # a thread whose run is partly taken (by another) goes on from where the counter stands
+    taken = np.array([0, 2, 0], np.int64)
+    steps = _peeks_and_takes(taken, 9)
+    assert steps[:7, 1].tolist() == [0, 1, 2, 5, 6, 7, 8] and (steps[7:, 1] == 9).all()
 
 
 def test_threading_layer_is_omp(rng):

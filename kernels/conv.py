@@ -927,8 +927,10 @@ class Conv2DPlan:
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        # a float32 input is padded here (the widened bf16 products also need an even channel count)
-        self.padded = _memory.zeros((n, hp, wp, cp)) if (any(self.pads) or cp != cin) and not self.rounds_input else None
+        # a float32 input is padded here (the widened bf16 products also need an even channel count); the Winograd
+        # transforms read the unpadded input, with the padding as zeros
+        padded = (any(self.pads) and not self.winograd or cp != cin) and not self.rounds_input
+        self.padded = _memory.zeros((n, hp, wp, cp)) if padded else None
         self._splits = {}
         self.kernel = (_winograd_name(self.block) if self.winograd else "im2col + 1x1" if packed.im2col
                        else "direct") + f" {TILE}x{PANEL} {ISA}"  # what runs, as profile shows it
@@ -1050,7 +1052,8 @@ class Conv2DPlan:
                 starts = self.starts[tiles]
                 res = residual if residual.size == 0 else residual[first:last]
                 input_transform, output_transform = self.transforms
-                calls.append((input_transform, (v[:, :, 0], x[first:last], self.tiles_w)))
+                top, left = (0, 0) if self.padded is not None else (self.pads[0], self.pads[2])
+                calls.append((input_transform, (v[:, :, 0], x[first:last], self.tiles_w, top, left)))
                 runs, ntiles = self._tiles(starts)
                 split = self._split(self.panels, runs, ntiles)
                 kernel = direct_kernel(ntiles, split[0])  # (streamed at 224x224 stage 4: 3 tiles)

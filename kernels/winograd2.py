@@ -28,7 +28,7 @@ from . import _memory
 from ._numba import VECTOR_FLOATS, jit, pjit
 from ._tile import rounded_vector
 from .bf16 import _bf16_bits, pack_bf16
-from .winograd import _is_flat, _Vector, block_origin
+from .winograd import _block_inputs, _is_flat, block_origin, inside_bits
 
 PRODUCTS = 16  # (2 + 2) x (2 + 2)
 BLOCK = 2      # output rows and columns of a block
@@ -101,73 +101,84 @@ def _bt(d0, d1, d2, d3):
 
 
 @intrinsic
-def _input_block_vectors(typingctx, flat, out, x, src, row, pixel):
+def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
     """``B^T d B`` of ``VECTOR_FLOATS`` channels of one 4x4 block, in vector registers: ``d[i][j]`` at
-    ``x[src + i * row + j * pixel]``, element ``4i + j`` of the result at ``flat[out + (4i + j) * pixel]``,
-    rounded to bf16 where ``flat`` is uint16, else float32.
+    ``x[src + i * row + j * pixel]``, or zero where bit ``i`` of ``rows`` or bit ``j`` of ``cols`` is clear
+    (the padding: ``winograd._block_inputs``), element ``4i + j`` of the result at
+    ``flat[out + (4i + j) * pixel]``, rounded to bf16 where ``flat`` is uint16, else float32.
 
     Written as explicit vectors: as a Numba loop over channels (16 loads and 16 stores a channel, in two
     arrays LLVM cannot tell apart) it stayed scalar, 0.7 ms for 56x56x64 (Zen 4).
     """
     if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C"
             and flat.dtype in (types.uint16, types.float32)
-            and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel))):
+            and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel, rows, cols))):
         return None
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         rounds = signature.args[0].dtype == types.uint16
         vector, halves = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
-        x_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        x = context.make_array(signature.args[2])(context, builder, args[2])
         out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        out_at, src_at, row_step, pixel_step = (context.cast(builder, args[k], signature.args[k], types.int64)
-                                                for k in (1, 3, 4, 5))
+        out_at, src_at, row_step, pixel_step, rows_in, cols_in = (
+            context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 3, 4, 5, 6, 7))
 
-        def load(i, j):
-            at = builder.add(src_at, builder.add(builder.mul(i64(i), row_step), builder.mul(i64(j), pixel_step)))
-            return _Vector(builder, builder.load(builder.bitcast(builder.gep(x_data, [at]), vector.as_pointer()), align=4))
+        def transform(load):
+            d = [[load(i, j) for j in range(4)] for i in range(4)]
+            columns = [_bt.py_func(*(d[i][j] for i in range(4))) for j in range(4)]   # (B^T d)[:, j]
+            for i in range(4):
+                for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(4)))):  # row i of (B^T d) B
+                    at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
+                    place = builder.bitcast(builder.gep(out_data, [at]), (halves if rounds else vector).as_pointer())
+                    if rounds:
+                        builder.store(rounded_vector(builder, value.value), place, align=2)
+                    else:
+                        builder.store(value.value, place, align=4)
 
-        d = [[load(i, j) for j in range(4)] for i in range(4)]
-        columns = [_bt.py_func(*(d[i][j] for i in range(4))) for j in range(4)]   # (B^T d)[:, j]
-        for i in range(4):
-            for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(4)))):  # row i of (B^T d) B
-                at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
-                place = builder.bitcast(builder.gep(out_data, [at]), (halves if rounds else vector).as_pointer())
-                if rounds:
-                    builder.store(rounded_vector(builder, value.value), place, align=2)
-                else:
-                    builder.store(value.value, place, align=4)
+        _block_inputs(builder, x, src_at, row_step, pixel_step, rows_in, cols_in, 4, transform)
         return context.get_dummy_value()
 
-    return types.void(flat, out, x, src, row, pixel), codegen
+    return types.void(flat, out, x, src, row, pixel, rows, cols), codegen
 
 
 @pjit
-def input_transform_forward(v, inp, tiles_w):
+def input_transform_forward(v, inp, tiles_w, top, left):
     """``v[t, 4i + j, c] = (B^T d B)[i, j]`` for every 4x4 input block ``d`` (blocks 2 apart) of every channel,
     rounded to bf16 where ``v`` is uint16.
 
-    ``VECTOR_FLOATS`` channels at a time in vector registers (``_input_block_vectors``), a last few one by one.
+    The blocks tile the input padded with ``top`` rows and ``left`` columns of zeros (and as many at the
+    bottom and right as the last blocks need), read from the unpadded input with the padding's rows and
+    columns as zeros (as ``winograd.input_transform_forward``).  ``VECTOR_FLOATS`` channels at a time in
+    vector registers (``_input_block_vectors``), a last few one by one.
 
     Parameters
     ----------
     v : float32, or uint16 (bf16), (N*TH*TW, 16, C), written
-    inp : float32 (N, 2*TH + 2, 2*TW + 2, C), padded (TH, TW: blocks down and across)
+    inp : float32 (N, H, W, C), C-contiguous, unpadded; 2*TH + 2 >= top + H, 2*TW + 2 >= left + W
+        (TH, TW: blocks down and across)
     tiles_w : int, TW
+    top, left : int, the padding above and to the left
     """
-    n, hp, wp, c = inp.shape
+    n, h, w, c = inp.shape
     tiles = v.shape[0]
     tiles_h = tiles // (n * tiles_w)
     x, flat = inp.reshape(-1), v.reshape(-1)
     vectors = c - c % VECTOR_FLOATS
     for t in prange(tiles):
         img, y0, x0 = block_origin(t, tiles_h, tiles_w, BLOCK)
-        top = ((img * hp + y0) * wp + x0) * c
+        y0, x0 = y0 - top, x0 - left  # the block's first row and column in the unpadded input
+        rows, cols = inside_bits(y0, 4, h), inside_bits(x0, 4, w)
+        first = ((img * h + y0) * w + x0) * c  # (before the image at its top or left edge: never read there)
         o = t * PRODUCTS * c
         for ch in range(0, vectors, VECTOR_FLOATS):
-            _input_block_vectors(flat, o + ch, x, top + ch, wp * c, c)
+            _input_block_vectors(flat, o + ch, x, first + ch, w * c, c, rows, cols)
         for ch in range(vectors, c):
-            d = inp[img, y0:y0 + 4, x0:x0 + 4, ch]  # (4, 4)
+            d = np.zeros((4, 4), np.float32)
+            for i in range(4):
+                for j in range(4):
+                    if (rows >> i) & (cols >> j) & 1:
+                        d[i, j] = inp[img, y0 + i, x0 + j, ch]
             c0, c1 = _bt(d[0, 0], d[1, 0], d[2, 0], d[3, 0]), _bt(d[0, 1], d[1, 1], d[2, 1], d[3, 1])  # B^T down columns
             c2, c3 = _bt(d[0, 2], d[1, 2], d[2, 2], d[3, 2]), _bt(d[0, 3], d[1, 3], d[2, 3], d[3, 3])
             for i in range(4):  # then B across each row

@@ -23,7 +23,7 @@ def main():
         for kernel in (conv.conv2d_forward, conv.conv2d_stream_forward):
             kernel.compile(signature)
     # the Winograd transforms' vector code
-    winograd.input_transform_forward.compile((array(f32, 3), array(f32, 4), i64))
+    winograd.input_transform_forward.compile((array(f32, 3), array(f32, 4), i64, i64, i64))
     winograd.output_transform_forward.compile((array(f32, 4), array(f32, 3), array(f32, 1), array(f32, 4),
                                                types.boolean))
     print("ok", _numba.CPU_NAME, _numba.ISA, f"{conv.TILE}x{conv.PANEL}", "bf16 dot" if _numba.BF16_DOT else "")

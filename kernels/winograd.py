@@ -139,8 +139,8 @@ def _block_inputs(builder, x, src, row, pixel, rows, cols, size, transform):
     vector at ``x[src + i * row + j * pixel]`` (i64 values; ``x`` the array's LLVM struct, 1-D float32), or
     zeros where bit ``i`` of ``rows`` or bit ``j`` of ``cols`` is clear: the block's rows and columns in the
     padding.  A block wholly inside the input (every bit set) takes plain loads; one at an edge loads from
-    an address clamped into the array and keeps zeros where a bit is clear (a select: masked loads from
-    addresses past the array's end took an assist, 2x slower at 7x7x512 on Zen 4)."""
+    an address clamped into the array and keeps zeros where a bit is clear (a select: masked loads, whose
+    addresses at the edges lie outside the array, ran 2x slower at 7x7x512 on Zen 4)."""
     i32, i64, i1 = ir.IntType(32), ir.IntType(64), ir.IntType(1)
     vector = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
     data = x.data

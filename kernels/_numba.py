@@ -316,7 +316,8 @@ line, to read (LLVM ``prefetch``: a hint, which never faults, even past the arra
 @intrinsic
 def _fetch_add(typingctx, counters, index):
     """Atomically add 1 to ``counters[index]`` (int64) and return its old value."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64 and isinstance(index, types.Integer)):
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64
+            and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -329,12 +330,13 @@ def _fetch_add(typingctx, counters, index):
 
 @intrinsic
 def _thread_count(typingctx):
-    """``numba.get_num_threads()``, for parallel kernels: a call of the threading layer's symbol, as Numba's own
-    ``prange`` code makes (Numba's overload calls it through a ctypes pointer, which keeps a kernel out of the
-    cache)."""
+    """``numba.get_num_threads()``, for parallel kernels: a call of the threading layer's symbol, as
+    Numba's own ``prange`` code makes (Numba's overload calls it through a ctypes pointer, which keeps a
+    kernel out of the cache)."""
 
     def codegen(context, builder, signature, args):
-        count = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
+        count = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []),
+                                               "get_num_threads")
         return builder.call(count, [])
 
     return types.intp(), codegen
@@ -364,8 +366,8 @@ def next_task(taken, ntasks):
     fixed in advance and the slowed thread holds up the call.  And a thread mostly works on the same
     part of the image in every layer, as ``prange``'s own even split does, so the rows it reads are
     mostly those it wrote, in its own core's cache.  Against one shared counter handing out the tasks
-    in turn, ResNet50 took 0.98-0.99x the time at 224x224 batch 1 and 64x64 on a calm 2-core VM,
-    0.90-0.93x at 224x224 batch 1 and 8 while that VM ran slow (Zen 4).
+    in turn, ResNet50 took 0.98-0.99x the time at 224x224 batch 1 and 64x64 and 0.997x at 224x224
+    batch 8 on a calm 2-core VM, 0.87-0.93x at 224x224 batch 1 and 8 while that VM ran slow (Zen 4).
     """
     me = numba.get_thread_id() % taken.size
     for k in range(taken.size):

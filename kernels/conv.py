@@ -26,8 +26,8 @@ from .bf16 import _BFloat
 from ._im2col import im2col_forward
 from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
-                     fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, peek_task, pjit, stack_f32,
-                     stack_u64, task_counters)
+                     fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, peek_task, pjit,
+                     stack_f32, stack_u64, task_counters)
 from .winograd import input_transform_forward, output_transform_forward, pack_transformed
 
 LINE_BYTES = 64
@@ -256,8 +256,8 @@ def work_split(runs, ntiles, nblk, depth, threads, tile_pixels=TILE):
     """How ``conv2d_forward`` splits its work: (tasks per run along the pixels, panels per task).
 
     A task computes a group of panels (about ``GROUP_BYTES`` of weights), panel by panel,
-    for a run of about ``CHUNK`` tiles.  The threads take the tasks as they finish their last (``next_task``), and
-    the last ones to finish idle while the others end theirs, so the task count is grown
+    for a run of about ``CHUNK`` tiles.  The threads take the tasks as they finish their last
+    (``next_task``), and the last ones to finish idle while the others end theirs, so the task count is grown
     until it is a multiple of ``threads`` (or at least 8 per thread) and at least 2 per
     thread.  Each cut along the pixels reads a
     group's weights once more, each cut along the panels a run's inputs: the side cut is
@@ -927,8 +927,8 @@ class Conv2DPlan:
             self.starts = pixel_starts(self.output_shape, (n, oh, ow, kh * kw * cin), 1, 1)
         else:
             self.starts = pixel_starts(self.output_shape, (n, hp, wp, cin), stride, 1)
-        # a float32 input is padded here (the widened bf16 products also need an even channel count); the Winograd
-        # transforms read the unpadded input, with the padding as zeros
+        # a float32 input is padded here (the widened bf16 products also need an even channel count); the
+        # Winograd transforms read the unpadded input, with the padding as zeros
         padded = (any(self.pads) and not self.winograd or cp != cin) and not self.rounds_input
         self.padded = _memory.zeros((n, hp, wp, cp)) if padded else None
         self._splits = {}

@@ -157,7 +157,8 @@ def _block_inputs(builder, x, src, row, pixel, rows, cols, size, transform):
         return _Vector(builder, load(offset(i, j)))
 
     def edge(i, j):
-        inside = builder.and_(builder.trunc(builder.lshr(rows, i64(i)), i1), builder.trunc(builder.lshr(cols, i64(j)), i1))
+        inside = builder.and_(builder.trunc(builder.lshr(rows, i64(i)), i1),
+                              builder.trunc(builder.lshr(cols, i64(j)), i1))
         at = offset(i, j)
         clamped = builder.select(builder.icmp_signed("<", at, i64(0)), i64(0), at)
         clamped = builder.select(builder.icmp_signed(">", clamped, last), last, clamped)
@@ -195,7 +196,8 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
             d = [[load(i, j) for j in range(6)] for i in range(6)]
             columns = [_bt.py_func(*(d[i][j] for i in range(6))) for j in range(6)]   # (B^T d)[:, j]
             for i in range(6):
-                for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(6)))):  # row i of (B^T d) B
+                row_i = _bt.py_func(*(columns[j][i] for j in range(6)))  # row i of (B^T d) B
+                for k, value in enumerate(row_i):
                     store(builder.add(out_at, builder.mul(i64(6 * i + k), pixel_step)), value)
 
         _block_inputs(builder, x, src_at, row_step, pixel_step, rows_in, cols_in, 6, transform)
@@ -314,10 +316,11 @@ def input_transform_forward(v, inp, tiles_w, top, left):
         out = np.uint64(t * 36 * c)
         for ch0 in range(0, c, LANES):
             if ch0 + LANES <= c:
-                _input_block_vectors(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel, rows, cols)
+                _input_block_vectors(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel,
+                                     rows, cols)
             else:
-                _input_block(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel, rows, cols, d, e,
-                             c - ch0)
+                _input_block(flat, out + np.uint64(ch0), x, base + np.uint64(ch0), row, pixel, rows, cols,
+                             d, e, c - ch0)
 
 
 @inline

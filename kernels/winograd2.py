@@ -112,7 +112,8 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
     """
     if not (isinstance(flat, types.Array) and flat.ndim == 1 and flat.layout == "C"
             and flat.dtype in (types.uint16, types.float32)
-            and _is_flat(x) and all(isinstance(a, types.Integer) for a in (out, src, row, pixel, rows, cols))):
+            and _is_flat(x)
+            and all(isinstance(a, types.Integer) for a in (out, src, row, pixel, rows, cols))):
         return None
 
     def codegen(context, builder, signature, args):
@@ -128,9 +129,11 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
             d = [[load(i, j) for j in range(4)] for i in range(4)]
             columns = [_bt.py_func(*(d[i][j] for i in range(4))) for j in range(4)]   # (B^T d)[:, j]
             for i in range(4):
-                for k, value in enumerate(_bt.py_func(*(columns[j][i] for j in range(4)))):  # row i of (B^T d) B
+                row_i = _bt.py_func(*(columns[j][i] for j in range(4)))  # row i of (B^T d) B
+                for k, value in enumerate(row_i):
                     at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
-                    place = builder.bitcast(builder.gep(out_data, [at]), (halves if rounds else vector).as_pointer())
+                    kind = halves if rounds else vector
+                    place = builder.bitcast(builder.gep(out_data, [at]), kind.as_pointer())
                     if rounds:
                         builder.store(rounded_vector(builder, value.value), place, align=2)
                     else:

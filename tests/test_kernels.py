@@ -379,12 +379,14 @@ def test_winograd_matches_naive(case, block, rng):
 @pytest.mark.parametrize("block", [4, 2])
 def test_winograd_reads_unpadded_input_with_any_padding(pads, block, rng):
     # the transforms take the padding's rows and columns as zeros (no padded copy): pads of every size
-    # on each side, as a ZeroPadding2D folded into the convolution makes them; 20 channels: a vector and a tail
+    # on each side, as a ZeroPadding2D folded into the convolution makes them; 20 channels: a vector and
+    # a tail
     x = rng.standard_normal((2, 9, 11, 20), dtype=np.float32)
     kernel = rng.standard_normal((3, 3, 20, 24), dtype=np.float32)
     bias = rng.standard_normal(24, dtype=np.float32)
     top, bottom, left, right = pads
-    expected = naive.conv2d(np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel, bias, 1, "valid")
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    expected = naive.conv2d(padded, kernel, bias, 1, "valid")
     plan = K.Conv2DPlan(K.pack_conv2d(kernel), x.shape, 1, pads, winograd=block)
     assert plan.winograd and plan.padded is None
     out = np.full(expected.shape, np.nan, np.float32)

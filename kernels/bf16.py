@@ -42,9 +42,29 @@ def to_bf16(x):
     uint16 array of the same shape: the upper halves of the rounded float32 values
     """
     bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.where(nan, ((bits >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
+    out = np.empty(bits.shape, np.uint16)
+    if bits.size:
+        to_bf16_forward(out.reshape(-1), bits.reshape(-1))
+    return out
+
+
+ROUND_BLOCK = 1 << 16  # values rounded by one task of ``to_bf16_forward``
+
+
+@pjit
+def to_bf16_forward(out, bits):
+    """``out[i] = _bf16_bits(bits[i])``: float32 values, given as their bits, rounded to bf16 (numpy's
+    elementwise version, with its temporaries, took 0.13 s of a ResNet50 bf16 load).
+
+    Parameters
+    ----------
+    out : uint16 (N,), written
+    bits : uint32 (N,), the bits of float32 values (``x.view(np.uint32)``)
+    """
+    n = bits.size
+    for task in prange((n + ROUND_BLOCK - 1) // ROUND_BLOCK):
+        for i in range(task * ROUND_BLOCK, min(n, (task + 1) * ROUND_BLOCK)):
+            out[i] = _bf16_bits(bits[i])
 
 
 def from_bf16(h):

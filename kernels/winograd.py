@@ -32,41 +32,62 @@ def transform_kernel(w):
     return u.reshape(36, *w.shape[2:]).astype(np.float32)
 
 
-def _combine(coefficients, terms):
-    """``sum(c * t)`` over the non-zero coefficients (a zero term adds nothing; ``G`` is a third zeros)."""
-    total = None
-    for c, t in zip(coefficients, terms):
-        if c:
-            total = c * t if total is None else total + c * t
-    return total
-
-
-def pack_transformed(w, panel, transform=None):
-    """``transform_kernel(w)`` packed as the direct kernel packs its weights, made one panel at a time.
+def pack_transformed(w, panel, transform=None, products=None):
+    """``transform_kernel(w)`` packed as the direct kernel packs its weights.
 
     Returns float32 (36, ceil(Cout / panel), Cin, panel), 64-byte aligned, zero past Cout: the
     ``(S, nblk, K, 64)`` panels of ``conv.pack_conv2d`` with a weight set per product.  ``transform``: G, by
     default this module's (6, 3); F(2x2, 3x3)'s (4, 3) (``winograd2._G``) gives its 16 products the same
-    way, (16, ceil(Cout / panel), Cin, panel).  Each panel is transformed in float64 with elementwise
-    operations (no BLAS, whose threads would spin beside Numba's; no einsum, which took 20 ms per
-    256-channel layer), so the transient memory is a few panels' worth rather than two float64 copies of
-    the whole transformed kernel.
+    way, (16, ceil(Cout / panel), Cin, panel).  ``products``: a range of them only (``winograd2`` rounds
+    four at a time to bf16), else all.  Worked out in float64 by ``transform_forward`` (numpy's
+    elementwise version took 0.10 s of ResNet50's first pass).
     """
     _, _, cin, cout = w.shape
-    transform = _G if transform is None else transform
+    transform = np.ascontiguousarray(_G if transform is None else transform, np.float64)
+    products = range(transform.shape[0] ** 2) if products is None else products
+    out = _memory.empty((len(products), -(-cout // panel), cin, panel))
+    transform_forward(out, np.ascontiguousarray(w, np.float32), transform, products.start)
+    return out
+
+
+@pjit
+def transform_forward(out, w, transform, first):
+    """``out[p, blk, c, j] = (G g G^T)[a, b]`` of ``g = w[:, :, c, blk * panel + j]``, for products
+    ``first + p = a * S + b``; zero past Cout.  In float64 (``G g``, then ``(G g) G^T``), each output rounded
+    once to float32.
+
+    Parameters
+    ----------
+    out : float32 (P, nblk, Cin, panel), written
+    w : float32 (3, 3, Cin, Cout), C-contiguous
+    transform : float64 (S, 3), G
+    first : int, the first product
+    """
     size = transform.shape[0]
-    nblk = -(-cout // panel)
-    out = _memory.empty((size * size, nblk, cin, panel))
-    for blk in range(nblk):
+    nblk, cin, panel = out.shape[1], out.shape[2], out.shape[3]
+    cout = w.shape[3]
+    for task in prange(nblk * cin):
+        blk, c = task // cin, task % cin
         c0 = blk * panel
         k = min(panel, cout - c0)
-        g = w[:, :, :, c0:c0 + k].astype(np.float64)                    # (3 rows i, 3 columns j, Cin, k)
-        t = np.stack([_combine(transform[a], g) for a in range(size)])  # G g: (rows a, 3 columns j, Cin, k)
-        for b in range(size):                                            # (G g G^T)[a, b] for every a at once
-            out[b::size, blk, :, :k] = _combine(transform[b], t.transpose(1, 0, 2, 3))
-        if k < panel:
-            out[:, blk, :, k:] = 0.0
-    return out
+        g = np.empty((3, 3, panel))     # the panel's kernels, one per output channel j
+        t = np.empty((size, 3, panel))  # G g
+        for i in range(3):
+            for m in range(3):
+                for j in range(k):
+                    g[i, m, j] = w[i, m, c, c0 + j]
+        for a in range(size):
+            for m in range(3):
+                for j in range(k):
+                    t[a, m, j] = (transform[a, 0] * g[0, m, j] + transform[a, 1] * g[1, m, j]
+                                  + transform[a, 2] * g[2, m, j])
+        for p in range(out.shape[0]):
+            a, b = (first + p) // size, (first + p) % size
+            for j in range(k):
+                out[p, blk, c, j] = (transform[b, 0] * t[a, 0, j] + transform[b, 1] * t[a, 1, j]
+                                     + transform[b, 2] * t[a, 2, j])
+            for j in range(k, panel):
+                out[p, blk, c, j] = 0.0
 
 
 # float32 constants: a Python float would promote the arithmetic to float64

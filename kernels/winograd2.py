@@ -25,10 +25,11 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _memory
-from ._numba import VECTOR_FLOATS, jit, pjit
+from ._numba import PANEL, VECTOR_FLOATS, jit, pjit
 from ._tile import rounded_vector
-from .bf16 import _bf16_bits, pack_bf16
+from .bf16 import _bf16_bits, to_bf16
 from .winograd import _block_inputs, _is_flat, block_origin, inside_bits
+from .winograd import pack_transformed as pack_float32
 
 PRODUCTS = 16  # (2 + 2) x (2 + 2)
 BLOCK = 2      # output rows and columns of a block
@@ -54,20 +55,18 @@ def pack_transformed(w):
 
     Returns uint16 (16, ceil(Cout / PANEL), Cin/2, PANEL, 2), 64-byte aligned: ``bf16.pack_bf16``'s
     panels with a weight set per product (element ``4a + b`` of the transform).  Cin must be even.
-    (The float32 packing is ``winograd.pack_transformed(w, PANEL, _G)``.)
+    The products are worked out as the float32 packing's (``winograd.pack_transformed(w, PANEL, _G)``),
+    four at a time (a quarter of it in float32 at once), then rounded.
     """
     if w.shape[2] % 2:
         raise ValueError(f"winograd2.pack_transformed: {w.shape[2]} input channels, an even count is needed")
-    w = w.astype(np.float64)
-    rows = [sum(_G[a, i] * w[i] for i in range(3) if _G[a, i]) for a in range(4)]       # G g: (3 columns, Cin, Cout)
-    panels = None
+    _, _, cin, cout = w.shape
+    nblk = -(-cout // PANEL)
+    panels = _memory.empty((PRODUCTS, nblk, cin // 2, PANEL, 2), np.uint16)
     for a in range(4):
-        for b in range(4):
-            u = sum(_G[b, j] * rows[a][j] for j in range(3) if _G[b, j])                  # (G g G^T)[a, b]
-            one = pack_bf16(u.astype(np.float32)[None, None])
-            if panels is None:
-                panels = _memory.empty((PRODUCTS, *one.shape[1:]), np.uint16)
-            panels[4 * a + b] = one[0]
+        four = range(4 * a, 4 * a + 4)
+        bits = to_bf16(pack_float32(w, PANEL, _G, four))                           # (4, nblk, Cin, PANEL)
+        panels[four.start:four.stop] = bits.reshape(4, nblk, cin // 2, 2, PANEL).transpose(0, 1, 2, 4, 3)
     return panels
 
 

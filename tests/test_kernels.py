@@ -394,6 +394,25 @@ def test_winograd_reads_unpadded_input_with_any_padding(pads, block, rng):
     assert_close(out, expected, rtol=3e-5 if block == 4 else 3e-6)
 
 
+@pytest.mark.parametrize("form", ["F4", "F2"])
+def test_winograd_weight_transform_matches_einsum(form, rng):
+    # G g G^T of every input and output channel, packed in panels (zero past Cout), against numpy's einsum
+    # in float64; a range of the products alone gives those products
+    from fastres.kernels import winograd, winograd2
+    transform = winograd._G if form == "F4" else winograd2._G
+    size = transform.shape[0]
+    w = rng.standard_normal((3, 3, 21, 70), dtype=np.float32)
+    expected = np.einsum("ai,ijco,bj->abco", transform, w.astype(np.float64), transform)
+    expected = expected.reshape(size * size, 21, 70)
+    packed = winograd.pack_transformed(w, PANEL, transform)
+    assert packed.shape == (size * size, 2, 21, PANEL)
+    got = packed.transpose(0, 2, 1, 3).reshape(size * size, 21, 2 * PANEL)
+    np.testing.assert_allclose(got[:, :, :70], expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    assert (got[:, :, 70:] == 0).all()
+    part = winograd.pack_transformed(w, PANEL, transform, range(5, 9))
+    np.testing.assert_array_equal(part, packed[5:9])
+
+
 def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
     """A 14x14 layer at batch 1 (ResNet50's stage 4 at 224x224): 16 blocks, 3 tiles a product, whose tiles are
     not cut in two (each weight set read once) and run on the streamed kernel."""

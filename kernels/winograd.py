@@ -155,14 +155,28 @@ def _is_flat(array):
             and array.dtype == types.float32)
 
 
-def _block_inputs(builder, x, src, row, pixel, rows, cols, size, transform):
-    """Codegen: ``transform(load)`` for one ``size`` x ``size`` input block, where ``load(i, j)`` is the
-    vector at ``x[src + i * row + j * pixel]`` (i64 values; ``x`` the array's LLVM struct, 1-D float32), or
-    zeros where bit ``i`` of ``rows`` or bit ``j`` of ``cols`` is clear: the block's rows and columns in the
-    padding.  A block wholly inside the input (every bit set) takes plain loads; one at an edge loads from
-    an address clamped into the array and keeps zeros where a bit is clear (a select: masked loads, whose
-    addresses at the edges lie outside the array, ran 2x slower at 7x7x512 on Zen 4)."""
+def _two_sided(one_sided, block):
+    """``one_sided`` (``_bt`` or ``_at``'s Python body) down each column of ``block`` (a list of rows of
+    ``_Vector``), then across each row of that: ``B^T d B`` (or ``A^T m A``) as a list of rows."""
+    columns = [one_sided(*(row[j] for row in block)) for j in range(len(block[0]))]   # (B^T d)[:, j]
+    return [one_sided(*(column[i] for column in columns)) for i in range(len(columns[0]))]
+
+
+def _input_block_codegen(context, builder, signature, args, one_sided, size, store):
+    """Codegen of an input-transform intrinsic ``(flat, out, x, src, row, pixel, rows, cols)``: ``B^T d B``
+    (``one_sided``: ``B^T`` applied to one column, the Python body of ``_bt``) of one ``size`` x ``size``
+    block, element ``size * i + k`` given to ``store(offset, value)`` at ``out + (size * i + k) * pixel``.
+
+    ``d[i][j]`` is the vector at ``x[src + i * row + j * pixel]``, or zeros where bit ``i`` of ``rows`` or
+    bit ``j`` of ``cols`` is clear: the block's rows and columns in the padding.  A block wholly inside the
+    input (every bit set) takes plain loads; one at an edge loads from an address clamped into the array
+    and keeps zeros where a bit is clear (a select: masked loads, whose addresses at the edges lie outside
+    the array, ran 2x slower at 7x7x512 on Zen 4).
+    """
     i32, i64, i1 = ir.IntType(32), ir.IntType(64), ir.IntType(1)
+    x = context.make_array(signature.args[2])(context, builder, args[2])
+    out, src, row, pixel, rows, cols = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                        for k in (1, 3, 4, 5, 6, 7))
     vector = ir.VectorType(ir.FloatType(), VECTOR_FLOATS)
     data = x.data
     last = builder.sub(x.nitems, i64(VECTOR_FLOATS))  # the last whole vector's first element
@@ -185,6 +199,12 @@ def _block_inputs(builder, x, src, row, pixel, rows, cols, size, transform):
         clamped = builder.select(builder.icmp_signed(">", clamped, last), last, clamped)
         return _Vector(builder, builder.select(inside, load(clamped), zero))
 
+    def transform(load):
+        block = _two_sided(one_sided, [[load(i, j) for j in range(size)] for i in range(size)])
+        for i, row_i in enumerate(block):
+            for k, value in enumerate(row_i):
+                store(builder.add(out, builder.mul(i64(size * i + k), pixel)), value)
+
     whole = builder.and_(builder.icmp_unsigned("==", rows, every), builder.icmp_unsigned("==", cols, every))
     with builder.if_else(whole) as (then, otherwise):
         with then:
@@ -197,7 +217,8 @@ def _block_inputs(builder, x, src, row, pixel, rows, cols, size, transform):
 def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
     """``B^T d B`` of ``VECTOR_FLOATS`` channels of one 6x6 block, in vector registers: ``d[i][j]`` at
     ``x[src + i * row + j * pixel]``, or zero where bit ``i`` of ``rows`` or bit ``j`` of ``cols`` is clear
-    (the padding: ``_block_inputs``), element ``6i + j`` of the result at ``flat[out + (6i + j) * pixel]``.
+    (the padding: ``_input_block_codegen``), element ``6i + j`` of the result at
+    ``flat[out + (6i + j) * pixel]``.
 
     Written as explicit vectors: the Numba loops over lanes went through stack buffers, and ran at about
     800 cycles a block of 8 channels (Zen 3).
@@ -207,21 +228,8 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
         return None
 
     def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
         store = _vector_access(context, builder, signature, args, 0)[1]
-        x = context.make_array(signature.args[2])(context, builder, args[2])
-        out_at, src_at, row_step, pixel_step, rows_in, cols_in = (
-            context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 3, 4, 5, 6, 7))
-
-        def transform(load):
-            d = [[load(i, j) for j in range(6)] for i in range(6)]
-            columns = [_bt.py_func(*(d[i][j] for i in range(6))) for j in range(6)]   # (B^T d)[:, j]
-            for i in range(6):
-                row_i = _bt.py_func(*(columns[j][i] for j in range(6)))  # row i of (B^T d) B
-                for k, value in enumerate(row_i):
-                    store(builder.add(out_at, builder.mul(i64(6 * i + k), pixel_step)), value)
-
-        _block_inputs(builder, x, src_at, row_step, pixel_step, rows_in, cols_in, 6, transform)
+        _input_block_codegen(context, builder, signature, args, _bt.py_func, 6, store)
         return context.get_dummy_value()
 
     return types.void(flat, out, x, src, row, pixel, rows, cols), codegen
@@ -245,9 +253,8 @@ def _output_block_vectors(typingctx, f, flat, src, plane, bias, ch0):
             context.cast(builder, args[5], signature.args[5], types.int64))
         m = [[load(builder.add(src_at, builder.mul(i64(6 * i + j), plane_step))) for j in range(6)]
              for i in range(6)]
-        columns = [_at.py_func(*(m[i][j] for i in range(6))) for j in range(6)]   # (A^T m)[:, j]
-        for i in range(4):
-            for k, value in enumerate(_at.py_func(*(columns[j][i] for j in range(6)))):
+        for i, row_i in enumerate(_two_sided(_at.py_func, m)):
+            for k, value in enumerate(row_i):
                 builder.store((value + channel_bias).value, builder.gep(f_vec, [i64(4 * i + k)]), align=4)
         return context.get_dummy_value()
 
@@ -305,8 +312,8 @@ def input_transform_forward(v, inp, tiles_w, top, left):
 
     The blocks tile the input padded with ``top`` rows and ``left`` columns of zeros (and as many at the
     bottom and right as the last blocks need), read from the unpadded input: a block's rows and columns
-    in the padding are taken as zeros (``_block_inputs``), so no padded copy is made (ResNet50 at 224x224:
-    0.992-0.997x the time of a zero-padded copy first, Zen 4).
+    in the padding are taken as zeros (``_input_block_codegen``), so no padded copy is made (ResNet50 at
+    224x224: 0.992-0.997x the time of a zero-padded copy first, Zen 4).
     Block by block (``t``), so each block's 36 values are one contiguous run: 36
     planes of ``tiles * C`` would be 36 store streams a multiple of 4 KiB apart,
     which share one L1 set and ran 4x slower at 14x14x256.  ``LANES`` channels at a

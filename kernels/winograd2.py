@@ -28,7 +28,7 @@ from . import _memory
 from ._numba import PANEL, VECTOR_FLOATS, jit, pjit
 from ._tile import rounded_vector
 from .bf16 import _bf16_bits, to_bf16
-from .winograd import _block_inputs, _is_flat, block_origin, inside_bits
+from .winograd import _input_block_codegen, _is_flat, block_origin, inside_bits
 from .winograd import pack_transformed as pack_float32
 
 PRODUCTS = 16  # (2 + 2) x (2 + 2)
@@ -103,7 +103,7 @@ def _bt(d0, d1, d2, d3):
 def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
     """``B^T d B`` of ``VECTOR_FLOATS`` channels of one 4x4 block, in vector registers: ``d[i][j]`` at
     ``x[src + i * row + j * pixel]``, or zero where bit ``i`` of ``rows`` or bit ``j`` of ``cols`` is clear
-    (the padding: ``winograd._block_inputs``), element ``4i + j`` of the result at
+    (the padding: ``winograd._input_block_codegen``), element ``4i + j`` of the result at
     ``flat[out + (4i + j) * pixel]``, rounded to bf16 where ``flat`` is uint16, else float32.
 
     Written as explicit vectors: as a Numba loop over channels (16 loads and 16 stores a channel, in two
@@ -116,29 +116,18 @@ def _input_block_vectors(typingctx, flat, out, x, src, row, pixel, rows, cols):
         return None
 
     def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
         rounds = signature.args[0].dtype == types.uint16
-        vector, halves = ir.VectorType(ir.FloatType(), VECTOR_FLOATS), ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
-        x = context.make_array(signature.args[2])(context, builder, args[2])
+        kind = ir.VectorType(ir.IntType(16) if rounds else ir.FloatType(), VECTOR_FLOATS)
         out_data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        out_at, src_at, row_step, pixel_step, rows_in, cols_in = (
-            context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 3, 4, 5, 6, 7))
 
-        def transform(load):
-            d = [[load(i, j) for j in range(4)] for i in range(4)]
-            columns = [_bt.py_func(*(d[i][j] for i in range(4))) for j in range(4)]   # (B^T d)[:, j]
-            for i in range(4):
-                row_i = _bt.py_func(*(columns[j][i] for j in range(4)))  # row i of (B^T d) B
-                for k, value in enumerate(row_i):
-                    at = builder.add(out_at, builder.mul(i64(4 * i + k), pixel_step))
-                    kind = halves if rounds else vector
-                    place = builder.bitcast(builder.gep(out_data, [at]), kind.as_pointer())
-                    if rounds:
-                        builder.store(rounded_vector(builder, value.value), place, align=2)
-                    else:
-                        builder.store(value.value, place, align=4)
+        def store(at, value):
+            place = builder.bitcast(builder.gep(out_data, [at]), kind.as_pointer())
+            if rounds:
+                builder.store(rounded_vector(builder, value.value), place, align=2)
+            else:
+                builder.store(value.value, place, align=4)
 
-        _block_inputs(builder, x, src_at, row_step, pixel_step, rows_in, cols_in, 4, transform)
+        _input_block_codegen(context, builder, signature, args, _bt.py_func, 4, store)
         return context.get_dummy_value()
 
     return types.void(flat, out, x, src, row, pixel, rows, cols), codegen

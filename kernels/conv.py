@@ -169,7 +169,7 @@ class PackedConv2D:
         if block not in self._winograd:
             if self.precision == "bf16":
                 self._winograd[block] = winograd2.pack_transformed(self.unpacked())
-            else:  # transformed panel by panel
+            else:
                 self._winograd[block] = pack_transformed(self.unpacked(), PANEL, winograd2._G if block == 2 else None)
         return self._winograd[block]
 

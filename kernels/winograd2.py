@@ -156,6 +156,7 @@ def input_transform_forward(v, inp, tiles_w, top, left):
     tiles_h = tiles // (n * tiles_w)
     x, flat = inp.reshape(-1), v.reshape(-1)
     vectors = c - c % VECTOR_FLOATS
+    zero = np.float32(0.0)
     for t in prange(tiles):
         img, y0, x0 = block_origin(t, tiles_h, tiles_w, BLOCK)
         y0, x0 = y0 - top, x0 - left  # the block's first row and column in the unpadded input
@@ -164,18 +165,19 @@ def input_transform_forward(v, inp, tiles_w, top, left):
         o = t * PRODUCTS * c
         for ch in range(0, vectors, VECTOR_FLOATS):
             _input_block_vectors(flat, o + ch, x, first + ch, w * c, c, rows, cols)
-        for ch in range(vectors, c):
+        if vectors < c:  # a last few channels, one at a time, through one 4x4 block
             d = np.zeros((4, 4), np.float32)
-            for i in range(4):
-                for j in range(4):
-                    if (rows >> i) & (cols >> j) & 1:
-                        d[i, j] = inp[img, y0 + i, x0 + j, ch]
-            c0, c1 = _bt(d[0, 0], d[1, 0], d[2, 0], d[3, 0]), _bt(d[0, 1], d[1, 1], d[2, 1], d[3, 1])  # B^T down columns
-            c2, c3 = _bt(d[0, 2], d[1, 2], d[2, 2], d[3, 2]), _bt(d[0, 3], d[1, 3], d[2, 3], d[3, 3])
-            for i in range(4):  # then B across each row
-                r = _bt(c0[i], c1[i], c2[i], c3[i])
-                for k in range(4):
-                    v[t, 4 * i + k, ch] = _stored(r[k], v)
+            for ch in range(vectors, c):
+                for i in range(4):
+                    for j in range(4):
+                        d[i, j] = inp[img, y0 + i, x0 + j, ch] if (rows >> i) & (cols >> j) & 1 else zero
+                # B^T down the columns
+                c0, c1 = _bt(d[0, 0], d[1, 0], d[2, 0], d[3, 0]), _bt(d[0, 1], d[1, 1], d[2, 1], d[3, 1])
+                c2, c3 = _bt(d[0, 2], d[1, 2], d[2, 2], d[3, 2]), _bt(d[0, 3], d[1, 3], d[2, 3], d[3, 3])
+                for i in range(4):  # then B across each row
+                    r = _bt(c0[i], c1[i], c2[i], c3[i])
+                    for k in range(4):
+                        v[t, 4 * i + k, ch] = _stored(r[k], v)
 
 
 @pjit

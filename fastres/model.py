@@ -580,6 +580,8 @@ class _SharedScratch:
 
     def finish(self):
         for conv, kind, key, shape in self.users:
+            if kind == "rounded" and conv.prerounded:  # fed: its own buffer, which its producer writes
+                continue
             setattr(conv, kind, self.buffers[key][:math.prod(shape)].reshape(shape))
         self.users = []
 
@@ -726,24 +728,28 @@ class HeadPlan:
 def _feed_convolutions(ops, output, convs):
     """Let a bf16 convolution write its output, rounded, straight into the next one's padded input.
 
-    Where a Conv2D's output is read by one Conv2D and nothing else (in a ResNet bottleneck: the
-    first two of its three convolutions), and both run on AMX (``Conv2DPlan.can_feed``), the
-    producer stores bf16 into the consumer's input buffer: no float32 output is written, and the
-    consumer has nothing to round or pad.  ``convs`` maps each convolution's name to its plan.
+    Where a Conv2D's output is a Conv2D's only input (``Conv2DPlan.can_feed``), the producer stores it,
+    rounded to bf16, into the consumer's input buffer, and the consumer has nothing to round or pad.  On the
+    direct kernel the producer writes its float32 output too, for any other reader (a residual, another
+    convolution): at 64x64, 40 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy, so
+    there only an output that nothing else reads (in a ResNet bottleneck: of the first two of its three
+    convolutions), without a residual, is fed.  ``convs`` maps each convolution's name to its plan.
     """
     readers = {}
     for op in ops:
         for name in op.inputs + ([op.residual] if op.residual else []):
             readers.setdefault(name, []).append(op)
     for op in ops:
-        users = readers.get(op.name, [])
-        if op.name not in convs or op.name == output or len(users) != 1 or op.residual is not None:
-            continue
-        consumer = users[0]
         stored_whole = op.activation.linear or op.activation.plain_relu  # no second, in-place step
-        if (consumer.name in convs and consumer.inputs == [op.name] and consumer.residual != op.name
-                and stored_whole and convs[op.name].can_feed(convs[consumer.name])):
-            convs[op.name].feed(convs[consumer.name])
+        if op.name not in convs or not stored_whole:
+            continue
+        users, producer = readers.get(op.name, []), convs[op.name]
+        only_reader = op.name != output and len(users) == 1 and op.residual is None
+        for consumer in users:
+            if (consumer.name in convs and consumer.inputs == [op.name] and consumer.residual != op.name
+                    and (only_reader or not producer.amx) and producer.can_feed(convs[consumer.name])):
+                producer.feed(convs[consumer.name])
+                break
 
 
 def _release_direct(model, name, block):

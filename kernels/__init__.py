@@ -9,8 +9,8 @@ from .activation import KINDS as activation_kinds, activation
 from ._im2col import im2col_forward
 from ._memory import empty as aligned_empty
 from ._numba import get_num_threads, set_num_threads, threading_layer
-from .conv import (NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba, pack_conv2d,
-                   winograd_choice, zero_pad2d)
+from .conv import (NO_BF16_OUTPUT, NO_RESIDUAL, Conv2DPlan, PackedConv2D, conv2d, dense, im2col_numba,
+                   pack_conv2d, winograd_choice, zero_pad2d)
 from .elementwise import add_relu, batch_norm, batch_norm_params, bias_add, fold_batch_norm, relu, softmax
 from .pool import avg_pool2d, global_avg_pool2d, global_max_pool2d, max_pool2d
 
@@ -22,7 +22,8 @@ from .elementwise import add_forward, relu_forward, scale_shift_forward, softmax
 from .pool import global_pool_forward, pool2d_forward
 
 __all__ = [
-    "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "activation", "activation_forward", "activation_kinds",
+    "NO_BF16_OUTPUT", "NO_RESIDUAL", "Conv2DPlan", "PackedConv2D", "activation", "activation_forward",
+    "activation_kinds",
     "add_forward", "batch_norm_params", "conv2d_forward",
     "global_pool_forward", "pool2d_forward", "relu_forward", "same_padding", "scale_shift_forward", "softmax_forward",
     "zero_pad_forward", "add_relu", "aligned_empty", "avg_pool2d", "batch_norm", "bias_add", "conv2d", "dense",

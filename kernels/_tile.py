@@ -125,8 +125,9 @@ def _row_store(count):
     """An intrinsic storing ``count`` floats (a multiple of the vector width), see ``store_row``."""
 
     def store_row(typingctx, y, dst, acc, src, res, has_residual, relu):
-        if not (isinstance(y, types.Array) and isinstance(res, types.Array) and isinstance(acc, types.CPointer)
-                and y.layout == "C" and res.layout == "C"):
+        acc_array = isinstance(acc, types.Array) and acc.layout == "C" and acc.dtype == types.float32
+        if not (isinstance(y, types.Array) and isinstance(res, types.Array) and y.layout == "C"
+                and res.layout == "C" and (isinstance(acc, types.CPointer) or acc_array)):
             return None
 
         def codegen(context, builder, signature, args):
@@ -143,7 +144,10 @@ def _row_store(count):
             def at(base, pointer, k):
                 return builder.bitcast(builder.gep(pointer, [builder.add(base, i64(k * VECTOR_FLOATS))]), vector.as_pointer())
 
-            values = [builder.load(at(src_at, args[2], k), align=4) for k in range(count // VECTOR_FLOATS)]
+            acc_data = args[2]
+            if isinstance(signature.args[2], types.Array):
+                acc_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+            values = [builder.load(at(src_at, acc_data, k), align=4) for k in range(count // VECTOR_FLOATS)]
 
             to_bf16 = signature.args[0].dtype == types.uint16
             i16s = ir.VectorType(ir.IntType(16), VECTOR_FLOATS)
@@ -176,7 +180,7 @@ def _row_store(count):
         every tile); ``res`` is read only when ``has_residual``; a uint16
         ``y`` receives the values rounded to bf16 (``bf16.to_bf16``), and then ``res`` must be
         laid out as ``y`` is
-    acc : CPointer(float32), e.g. a ``stack_f32`` buffer
+    acc : CPointer(float32), e.g. a ``stack_f32`` buffer, or a C-contiguous float32 array (indexed flat)
     dst, src : int, element offsets
     """
     return intrinsic(store_row)
@@ -213,3 +217,25 @@ def store_tile(y, res, acc, acc_ptr, p0, c0, pixels, has_residual, relu):
                 if relu:
                     v = max(v, 0.0)
                 y[p0 + t, c0 + j] = v
+
+
+@inline
+def store_tile_rounded(y16, y, p0, c0, pixels, place):
+    """A copy of a tile ``store_tile`` wrote, rounded to bf16, each output pixel at its place in a
+    zero-bordered NHWC buffer (the next convolution's bf16 input: ``Conv2DPlan.feed``).
+
+    Parameters
+    ----------
+    y16 : uint16 (N * RH * RW * Cout,), flat, written
+    y : float32 (N * OH * OW, Cout), C-contiguous, the output as stored
+    p0, c0, pixels : int, as ``store_tile``'s; the panel is whole (Cout a multiple of PANEL)
+    place : (OH * OW, OW, top, left, RH, RW): output pixel ``p`` (image n, row r, column c) goes to row
+        ``top + r``, column ``left + c`` of image n
+    """
+    image_pixels, ow, top, left, rh, rw = place
+    cout = y.shape[1]
+    for t in range(min(TILE, pixels - p0)):
+        image, at = divmod(p0 + t, image_pixels)
+        row, col = divmod(at, ow)
+        dst = ((image * rh + row + top) * rw + col + left) * cout + c0
+        store_panel_row(y16, dst, y, (p0 + t) * cout + c0, y16, False, False)

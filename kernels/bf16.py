@@ -206,7 +206,9 @@ def _product_timing(dot):
     starts = pixel_starts(out.shape, inp.shape, 1, 1)
     bias, none = np.zeros(cout, np.float32), np.zeros((0, 0, 0, 0), np.float32)
     chunks = max(1, min(starts.shape[1] // TILE, 2 * get_num_threads()))
-    return lambda: conv2d_forward(out, inp, panels, starts, bias, none, 3, True, chunks, panels.shape[1])
+    no_copy = np.zeros((0, 0, 0, 0), np.uint16)
+    return lambda: conv2d_forward(out, inp, panels, starts, bias, none, 3, True, chunks, panels.shape[1],
+                                  no_copy, 0, 0)
 
 
 def kernel():

@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 from . import _checks, _memory, amx, bf16, winograd2, wisdom
 from .bf16 import _BFloat
 from ._im2col import im2col_forward
-from ._tile import is_bias, pixel_starts, start_accumulators, store_tile
+from ._tile import is_bias, pixel_starts, start_accumulators, store_tile, store_tile_rounded
 from ._numba import (BF16_DOT, CPU_NAME, ISA, PANEL, TILE, VECTOR_FLOATS, advance, cpu_model, evict_line,
                      fetch_line, get_num_threads, inline, jit, l2_bytes, next_task, peek_task, pjit,
                      stack_f32, stack_u64, task_counters)
@@ -503,7 +503,8 @@ def _narrow_tile(ntiles, run_pixels):
 
 
 @pjit
-def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
+def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group, rounded, top,
+                   left):
     """Direct convolution of a padded NHWC input with packed weights.
 
     The images of the batch may each have their own weights: with S weight sets,
@@ -525,6 +526,10 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     relu : bool, apply max(0, .) while storing
     nchunks, group : int, from ``work_split``: each run's tiles are cut into ``nchunks``
         even runs, its panels into groups of ``group``, and each pair is a task
+    rounded : uint16 (N, OH + top + ..., OW + left + ..., Cout), or (0, 0, 0, 0): when not empty the output
+        goes there too, rounded to bf16, at (top, left) of each image (the next convolution's padded bf16
+        input: ``Conv2DPlan.feed``); Cout a multiple of ``PANEL`` then
+    top, left : int
     """
     n, oh, ow, cout = out.shape
     wp, cin = inp.shape[2], inp.shape[3]
@@ -536,6 +541,8 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     x = inp.reshape(-1)
     y = out.reshape(n * image_pixels, cout)
     res = residual.reshape(-1, cout)
+    to_bf16, y16 = rounded.size > 0, rounded.reshape(-1)
+    place = (image_pixels, ow, top, left, rounded.shape[1], rounded.shape[2])
     # pixels are tiled image by image (when images have their own weights) or as one run
     runs = starts.shape[0]
     run_pixels = n * image_pixels // runs
@@ -613,12 +620,16 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                         _fma_tile_narrow(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     else:
                         _fma_tile(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
-                    store_tile(y, res, acc, acc_ptr, run * run_pixels + local0, c0, (run + 1) * run_pixels, has_residual, relu)
+                    p0, end = run * run_pixels + local0, (run + 1) * run_pixels
+                    store_tile(y, res, acc, acc_ptr, p0, c0, end, has_residual, relu)
+                    if to_bf16:
+                        store_tile_rounded(y16, y, p0, c0, end, place)
             task = next_task(taken, ntasks)
 
 
 @pjit
-def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group):
+def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group, rounded,
+                          top, left):
     """``conv2d_forward`` for tasks of a few tiles, overlapping the weights' stream from memory with the arithmetic.
 
     Same arguments and result as ``conv2d_forward``.  There, a task of a few tiles reads each panel
@@ -643,6 +654,8 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
     x = inp.reshape(-1)
     y = out.reshape(n * image_pixels, cout)
     res = residual.reshape(-1, cout)
+    to_bf16, y16 = rounded.size > 0, rounded.reshape(-1)
+    place = (image_pixels, ow, top, left, rounded.shape[1], rounded.shape[2])
     weights = panels.reshape(-1)
     runs = starts.shape[0]
     run_pixels = n * image_pixels // runs
@@ -692,8 +705,11 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
                             _fma_chunk(acc_ptr, x, xb_ptr, 0, 1, steps, panel, fetch, bias, c0, i * row + q0,
                                        part > 0, weights, ahead_at + j * share * steps, share)
                         if part == panel_chunks - 1:
-                            store_tile(y, res, carray(acc_ptr, (TILE, PANEL)), acc_ptr, run * run_pixels + local0, c0,
-                                       (run + 1) * run_pixels, has_residual, relu)
+                            p0, end = run * run_pixels + local0, (run + 1) * run_pixels
+                            acc = carray(acc_ptr, (TILE, PANEL))
+                            store_tile(y, res, acc, acc_ptr, p0, c0, end, has_residual, relu)
+                            if to_bf16:
+                                store_tile_rounded(y16, y, p0, c0, end, place)
             task = next_task(taken, ntasks)
 
 
@@ -839,8 +855,8 @@ class Conv2DPlan:
     ``vdpbf16ps`` may run as Winograd F(2x2, 3x3) in bf16 (``winograd2``), chosen as above.  On AMX
     and ``vdpbf16ps`` (``bf16.use_dot``) it rounds the input to bf16 into
     ``rounded`` on each call (``rounds_input``); the widened products read the float32 input,
-    padded (to an even channel count) like a float32 plan's.  ``feed`` lets one AMX plan write
-    the next one's bf16 input.
+    padded (to an even channel count) like a float32 plan's.  ``feed`` lets one plan write
+    the next one's bf16 input (``can_feed``).
 
     Parameters
     ----------
@@ -957,17 +973,25 @@ class Conv2DPlan:
 
     def can_feed(self, consumer):
         """True when this plan can write its output, rounded to bf16, straight into ``consumer``'s
-        padded input (both on AMX, the consumer a stride-1 convolution of this output)."""
+        padded input: both on AMX, the consumer a stride-1 convolution of this output; or this plan on the
+        direct kernel (``conv2d_forward``, whole panels) and the consumer rounding its input for
+        ``vdpbf16ps`` (``rounds_input``, not AMX)."""
         n, oh, ow, cout = self.output_shape
         top, bottom, left, right = consumer.pads
-        return (self.amx and not self.packed.im2col and consumer.amx and not consumer.packed.im2col
-                and consumer.stride == 1 and consumer.rounded_view.shape == (n, oh + top + bottom, ow + left + right, cout))
+        if not consumer.rounds_input or consumer.packed.im2col or self.packed.im2col:
+            return False
+        fits = consumer.rounded_view.shape == (n, oh + top + bottom, ow + left + right, cout)
+        if self.amx or consumer.amx:
+            return self.amx and consumer.amx and consumer.stride == 1 and fits
+        return not self.winograd and cout % PANEL == 0 and fits
 
     def feed(self, consumer):
-        """From now on write the output into ``consumer``'s bf16 input (``can_feed``) instead of ``out``.
+        """From now on write the output, rounded to bf16, into ``consumer``'s bf16 input (``can_feed``).
 
-        ``consumer`` then skips rounding its input; its zero border was written when it was made.
-        Only for an output that nothing else reads, and without a residual.
+        ``consumer`` then skips rounding its input; its zero border was written when it was made.  The direct
+        kernel writes ``out`` as well (the copy is of the stored values: residual and ReLU applied); on AMX
+        the output goes only to ``consumer``: there only for an output that nothing else reads, and
+        without a residual.
         """
         if not self.can_feed(consumer):
             raise ValueError("Conv2DPlan.feed: the consumer cannot take this plan's output as its bf16 input")
@@ -1057,7 +1081,8 @@ class Conv2DPlan:
                 runs, ntiles = self._tiles(starts)
                 split = self._split(self.panels, runs, ntiles)
                 kernel = direct_kernel(ntiles, split[0])  # (streamed at 224x224 stage 4: 3 tiles)
-                calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split)))
+                calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split,
+                                       NO_BF16_OUTPUT, 0, 0)))
                 calls.append((output_transform, (out[first:last], m[:, 0], bias, res, relu)))
             return calls
         if self.cols is not None:
@@ -1069,7 +1094,8 @@ class Conv2DPlan:
             split = self._measured_split(x.shape, kw, split)
         kernel = direct_kernel(self._tiles(self.starts)[1], split[0])
         self.kernel = self._kernel + (", streamed" if kernel is conv2d_stream_forward else "")
-        calls.append((kernel, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split)))
+        calls.append((kernel, (out, x, self.packed.panels, self.starts, bias, residual, kw, relu, *split,
+                               *self.bf16_output)))
         return calls
 
     def _measured_split(self, in_shape, kernel_w, rule):
@@ -1095,8 +1121,9 @@ class Conv2DPlan:
         out = _memory.empty(self.output_shape)
         bias = np.zeros(self.packed.out_channels, np.float32)
         panels = self.packed.panels
-        runs_of = {name: (lambda split=split: direct_kernel(ntiles, split[0])(out, x, panels, self.starts, bias,
-                                                                              NO_RESIDUAL, kernel_w, True, *split))
+        fixed = (out, x, panels, self.starts, bias, NO_RESIDUAL, kernel_w, True)
+        no_copy = (NO_BF16_OUTPUT, 0, 0)
+        runs_of = {name: lambda split=split: direct_kernel(ntiles, split[0])(*fixed, *split, *no_copy)
                    for name, split in candidates.items()}
         winner = wisdom.choose(machine, key, runs_of, f"{rule[0]},{rule[1]}",
                                before=lambda name: evict_forward(panels), margin=SPLIT_MARGIN)

@@ -76,7 +76,7 @@ def test_both_vector_products_match_naive():
         out = np.empty((2, 5, 4, 70), np.float32)
         starts = conv.pixel_starts(out.shape, x.shape, 2, 1)
         conv.conv2d_forward(out, bf16.to_bf16(x) if dot else x, panels, starts, np.zeros(70, np.float32),
-                            K.NO_RESIDUAL, 3, False, 2, 1)
+                            K.NO_RESIDUAL, 3, False, 2, 1, K.NO_BF16_OUTPUT, 0, 0)
         want = naive.conv2d(rounded(x) if dot else x, rounded(w), stride=2)
         assert np.abs(out - want).max() / np.abs(want).max() <= BOUND, dot
 
@@ -90,7 +90,7 @@ def test_bf16_inputs_without_vdpbf16ps_are_refused():
     x = np.zeros((1, 1, 6, 8), np.uint16)
     with pytest.raises(TypingError, match="vdpbf16ps"):
         conv.conv2d_forward(out, x, panels, conv.pixel_starts(out.shape, x.shape, 1, 1), np.zeros(16, np.float32),
-                            K.NO_RESIDUAL, 1, False, 1, 1)
+                            K.NO_RESIDUAL, 1, False, 1, 1, K.NO_BF16_OUTPUT, 0, 0)
 
 
 def test_amx_is_used_exactly_where_the_machine_allows_it():
@@ -159,31 +159,41 @@ def test_without_amx_the_vector_kernel_gives_the_same_answers():
         assert "amx" not in kernel and kernel == bf16.kernel()
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 10, 64), (1, 4, 5, 64)], ids=["32x32 blocks", "16x64 blocks"])
-def test_a_plan_can_feed_the_next_convolution_its_bf16_input(shape):
-    """The producer rounds its output straight into the consumer's padded input: same answer, bit for bit."""
+@pytest.mark.parametrize("shape,stride,pads", [
+    ((2, 9, 10, 64), 1, (1, 1, 1, 1)), ((1, 4, 5, 64), 1, (1, 1, 1, 1)), ((1, 7, 6, 64), 2, (0, 1, 1, 0)),
+    ((2, 13, 8, 64), 1, (2, 0, 1, 3))], ids=["32x32 blocks", "16x64 blocks", "strided", "uneven pads"])
+def test_a_plan_can_feed_the_next_convolution_its_bf16_input(shape, stride, pads):
+    """The producer rounds its output straight into the consumer's padded input: same answer, bit for bit.
+    Both on AMX (a stride-1 consumer), or the producer on the direct kernel (its residual added, its float32
+    output written too) and the consumer on vdpbf16ps."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal(shape, dtype=np.float32)
     w1, w2 = rng.standard_normal((1, 1, 64, 64), dtype=np.float32), rng.standard_normal((3, 3, 64, 96), dtype=np.float32)
     b1, b2 = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(96, dtype=np.float32)
+    # the direct kernel's copy is of the stored values, the residual added (on AMX a fed output takes none)
+    residual = K.NO_RESIDUAL if amx.AMX else rng.standard_normal((*shape[:3], 64), dtype=np.float32)
     outs = []
     for fused in (False, True):
         first = K.Conv2DPlan(K.pack_conv2d(w1, precision="bf16"), x.shape, 1, (0, 0, 0, 0))
-        second = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), first.output_shape, 1, (1, 1, 1, 1))
+        second = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), first.output_shape, stride, pads,
+                              winograd=False)
         middle, out = np.full(first.output_shape, np.nan, np.float32), np.empty(second.output_shape, np.float32)
         if fused:
-            assert first.can_feed(second) == amx.AMX
-            if not amx.AMX:
+            assert first.can_feed(second) == (amx.AMX and stride == 1 or not amx.AMX and bf16.use_dot())
+            if not first.can_feed(second):
                 with pytest.raises(ValueError, match="cannot take"):
                     first.feed(second)
                 return
             first.feed(second)
         for _ in range(2):  # the consumer's zero border must survive repeated calls
-            first(middle, x, b1, K.NO_RESIDUAL, True)
+            first(middle, x, b1, residual, True)
             second(out, middle, b2, K.NO_RESIDUAL, False)
-        assert np.isnan(middle).all() == fused  # fed: the float32 output is not written
-        outs.append(out)
-    np.testing.assert_array_equal(outs[0], outs[1])
+        # fed on AMX, the float32 output is not written; on the direct kernel it is, as before
+        assert np.isnan(middle).any() == (fused and first.amx)
+        outs.append((out, middle))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    if not first.amx:
+        np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -318,6 +318,39 @@ def _outside(figures, gate):
     return [k for k, bound in gate.items() if (figures[k] > bound if k == "max_logit_diff" else figures[k] < bound)]
 
 
+def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
+    """Where a convolution writes the next one's bf16 input (``model._feed_convolutions``), the pass gives
+    the logits of each convolution rounding its own input, to the bit: in a plain plan, and in a batch cut
+    in two (``HeadPlan``, whose parts share their scratch: a fed input keeps its own buffer)."""
+    from fastres import model as engine
+
+    _, path = course
+    x = np.random.default_rng(23).standard_normal((3, 64, 64, 3)).astype(np.float32)
+    feeds = amx.AMX or bf16.use_dot()  # (else no convolution rounds its input)
+    real = engine._feed_convolutions
+    for cut in (False, True):
+        if cut:  # cut at the last value that alone goes on: the head holds every convolution
+            monkeypatch.setattr(engine, "HEAD_IMAGE_BYTES", 1)
+            monkeypatch.setattr(engine, "HEAD_BATCH_BYTES", 1)
+        got = {}
+        for fed in (True, False):
+            monkeypatch.setattr(engine, "_feed_convolutions", real if fed else lambda *args: None)
+            model = fastres.load(path, precision="bf16")
+            got[fed] = [model.predict(x[:1]), model.predict(x)]
+            one, plan = model._local.plans[x[:1].shape], model._local.plans[x.shape]
+            assert isinstance(plan, engine.HeadPlan) == cut
+            batch_steps = plan.head.steps + plan.tail.steps if cut else plan.steps
+            for steps, least in ((one.steps, 40), (batch_steps, 1)):
+                # one image: 40 of the 50 convolutions that round their input; not the stem, the three after
+                # pooling, conv2_block2_1 (after the stacked pair), the two after stage 2's Winograd 3x3s, and
+                # stages 3-5's projections (their input feeds the first 1x1).  Fewer in a batch of 3, where
+                # some of stage 3's 3x3s run Winograd
+                fed_inputs = sum(step.conv.prerounded for step in steps if hasattr(step, "conv"))
+                assert fed_inputs >= least if fed and feeds else fed_inputs == 0
+        np.testing.assert_array_equal(got[True][0], got[False][0])
+        np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
 def _gate(name, keras_model, path, shape):
     x = np.random.default_rng(64).standard_normal((64, *shape)).astype(np.float32)
     want = np.concatenate([np.asarray(keras_model(x[i:i + 8], training=False)) for i in range(0, 64, 8)])

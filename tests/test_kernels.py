@@ -90,7 +90,8 @@ def test_streamed_kernel_matches_naive_and_the_panel_kernel_to_the_bit(case, pre
         outs = []
         for kernel_fn in (K.conv.conv2d_stream_forward, K.conv.conv2d_forward):
             out = np.full(shape, np.nan, np.float32)
-            kernel_fn(out, inputs, packed.panels, starts, bias, residual, k, True, nchunks, group)
+            kernel_fn(out, inputs, packed.panels, starts, bias, residual, k, True, nchunks, group,
+                      K.NO_BF16_OUTPUT, 0, 0)
             outs.append(out)
         assert_close(outs[0], want, rtol=1e-5 if precision == "fp32" else 2e-5)
         assert np.array_equal(outs[0], outs[1])
@@ -423,7 +424,7 @@ def test_winograd_products_of_few_tiles_stream_and_match_naive(rng):
     out = np.empty((1, 14, 14, 40), np.float32)
     calls = plan._calls(out, x, bias, K.conv.NO_RESIDUAL, True)
     products = [args for kernel_fn, args in calls if kernel_fn is K.conv.conv2d_stream_forward]
-    assert len(products) == 1 and products[0][-2] == 1  # one run of all 3 tiles a product
+    assert len(products) == 1 and products[0][8] == 1  # nchunks: one run of all 3 tiles a product
     plan(out, x, bias, relu=True)
     assert_close(out, np.maximum(naive.conv2d(x, kernel, bias, 1, "same"), 0), rtol=3e-5)
 

@@ -109,8 +109,8 @@ def small_plan(rng):
 def split_of(plan, x, out, bias):
     """(nchunks, group) of the plan's direct kernel call."""
     (kernel, args), = plan._calls(out, x, bias, conv.NO_RESIDUAL, False)
-    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[-2])  # the split's kernel
-    return args[-2:]
+    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[8])  # the split's kernel (nchunks)
+    return args[8:10]  # (after them, the bf16 copy: ``Conv2DPlan.feed``)
 
 
 def test_a_small_convolution_measures_its_split_once_and_any_split_gives_the_same_answer(store, rng, monkeypatch):
@@ -141,11 +141,11 @@ def test_a_bf16_convolution_records_its_split_apart_from_float32(store, rng):
     if plan.amx:
         pytest.skip("this 1x1 runs on AMX tiles, which split their work by rule")
     kernel, args = calls[-1]
-    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[-2])
+    assert kernel is conv.direct_kernel(plan.starts.shape[1] // conv.TILE, args[8])
     machine = f"{conv.MACHINE} | {K.get_num_threads()} threads"
     (key, choice), = [(k, v) for k, v in json.loads(store.read_text())[machine].items() if k.startswith("split")]
     kind = "inputs" if plan.rounds_input else "weights"
-    assert key == f"split 1x1/1 1x8x8x128->512 bf16 {kind}" and choice == ",".join(map(str, args[-2:]))
+    assert key == f"split 1x1/1 1x8x8x128->512 bf16 {kind}" and choice == ",".join(map(str, args[8:10]))
     rounded = naive.bf16_round(x) if plan.rounds_input else x
     reference = np.einsum("nhwc,co->nhwo", rounded, naive.bf16_round(w)[0, 0]) + bias
     np.testing.assert_allclose(plan(out, x, bias), reference, rtol=0, atol=1e-5 * np.abs(reference).max())

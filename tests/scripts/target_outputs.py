@@ -52,7 +52,8 @@ def main(path):
         out = np.empty((1, 4, 4, 40), np.float32)
         assert conv.direct_kernel(3, 1) is conv.conv2d_stream_forward
         conv.conv2d_stream_forward(out, x, K.pack_conv2d(w, precision=precision).panels,
-                                   conv.pixel_starts(out.shape, x.shape, 1, 1), b, K.NO_RESIDUAL, 3, True, 1, 1)
+                                   conv.pixel_starts(out.shape, x.shape, 1, 1), b, K.NO_RESIDUAL, 3, True,
+                                   1, 1, K.NO_BF16_OUTPUT, 0, 0)
         results[name], results[name + "_x"], results[name + "_w"], results[name + "_b"] = out, x, w, b
     results["dense"] = K.dense(rng.standard_normal((3, 70), dtype=np.float32),
                                rng.standard_normal((70, 21), dtype=np.float32))

@@ -79,8 +79,11 @@ WINOGRAD_MEASURE_FLOPS = 20e6  # above this, the choice is measured once per mac
 # task; the whole 64x64 pass 0.95-1.0x the time, same process.)
 SPLIT_MEASURE_FLOPS = 40e6
 SPLIT_CHUNKS, SPLIT_GROUPS, SPLIT_MARGIN = (1, 2, 3, 4, 6, 8, 12), (1, 2, 4, 8, 16), 0.05
-# what wisdom is recorded for (the loop order is named: choices measured for an earlier order are measured again)
-MACHINE = f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major streamed, vector transforms"
+# what wisdom is recorded for (the kernels' design is named: choices measured for an earlier one are measured
+# again; Winograd's input transforms reading the unpadded input made its layers cheaper against the direct
+# kernel: on the Zen 4 the recorded bf16 choice for 56x56x64 was direct, measured afresh F(2x2, 3x3) 8 times of 8)
+MACHINE = (f"{cpu_model()} | {CPU_NAME} | {ISA} | tile {TILE}x{PANEL} panel-major streamed, vector transforms"
+           " of the unpadded input")
 
 
 class PackedConv2D:

@@ -6,7 +6,8 @@ Weights are packed once (``pack_conv2d``) into ``PANEL``-wide output-channel pan
 a group of panels and a run of output pixels; panel by panel, for every tile of ``TILE``
 pixels it accumulates all kernel taps and input channels in ``TILE x PANEL`` accumulators kept
 in vector registers (``_fma_tile``, explicit vectors in LLVM IR, started at the bias),
-then adds the residual and applies ReLU while storing.  A task of 2 to 4 tiles (a layer of few pixels,
+then adds the residual and applies ReLU while storing (and, where it feeds a bf16 convolution, writes a rounded
+copy into that one's padded input: ``Conv2DPlan.feed``).  A task of 2 to 4 tiles (a layer of few pixels,
 whose weights stream from memory) goes through its panels in L1-sized chunks instead, fetching the
 next chunk while it computes this one (``conv2d_stream_forward``).  1x1 convolutions and dense layers
 are the same kernel with one tap.  A kernel packed with ``im2col=True`` gathers its

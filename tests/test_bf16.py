@@ -339,14 +339,13 @@ def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
             got[fed] = [model.predict(x[:1]), model.predict(x)]
             one, plan = model._local.plans[x[:1].shape], model._local.plans[x.shape]
             assert isinstance(plan, engine.HeadPlan) == cut
-            batch_steps = plan.head.steps + plan.tail.steps if cut else plan.steps
-            for steps, least in ((one.steps, 40), (batch_steps, 1)):
-                # one image: 40 of the 50 convolutions that round their input; not the stem, the three after
-                # pooling, conv2_block2_1 (after the stacked pair), the two after stage 2's Winograd 3x3s, and
-                # stages 3-5's projections (their input feeds the first 1x1).  Fewer in a batch of 3, where
-                # some of stage 3's 3x3s run Winograd
-                fed_inputs = sum(step.conv.prerounded for step in steps if hasattr(step, "conv"))
-                assert fed_inputs >= least if fed and feeds else fed_inputs == 0
+            for steps in (one.steps, plan.head.steps + plan.tail.steps if cut else plan.steps):
+                convs = [step for step in steps if hasattr(step, "conv")]
+                fed_inputs = sum(step.conv.prerounded for step in convs)
+                # (on the Zen 4's vdpbf16ps, one image: 40 of the 50 convolutions that round their input)
+                assert fed_inputs > 0 if fed and feeds else fed_inputs == 0
+                if fed and feeds and not amx.AMX:  # a block's output, residual added, feeds the next block
+                    assert any(step.conv.bf16_output[0].size and step.args[3].size for step in convs)
         np.testing.assert_array_equal(got[True][0], got[False][0])
         np.testing.assert_array_equal(got[True][1], got[False][1])
 

@@ -979,12 +979,17 @@ class Conv2DPlan:
         """True when this plan can write its output, rounded to bf16, straight into ``consumer``'s
         padded input: both on AMX, the consumer a stride-1 convolution of this output; or this plan on the
         direct kernel (``conv2d_forward``, whole panels) and the consumer rounding its input for
-        ``vdpbf16ps`` (``rounds_input``, not AMX)."""
+        ``vdpbf16ps`` (``rounds_input``, not AMX), and, if this plan feeds one already, that one's input
+        laid out as the consumer's."""
         n, oh, ow, cout = self.output_shape
         top, bottom, left, right = consumer.pads
         if not consumer.rounds_input or consumer.packed.im2col or self.packed.im2col:
             return False
         fits = consumer.rounded_view.shape == (n, oh + top + bottom, ow + left + right, cout)
+        fed, fed_top, fed_left = self.bf16_output
+        same_layout = (fed.shape, fed_top, fed_left) == (consumer.rounded_view.shape, top, left)
+        if fed.size and (self.amx or not same_layout):
+            return False  # it feeds one already (on AMX, the only one), whose input is laid out otherwise
         if self.amx or consumer.amx:
             return self.amx and consumer.amx and consumer.stride == 1 and fits
         return not self.winograd and cout % PANEL == 0 and fits
@@ -995,12 +1000,17 @@ class Conv2DPlan:
         ``consumer`` then skips rounding its input; its zero border was written when it was made.  The direct
         kernel writes ``out`` as well (the copy is of the stored values: residual and ReLU applied); on AMX
         the output goes only to ``consumer``: there only for an output that nothing else reads, and
-        without a residual.
+        without a residual.  A direct plan that feeds one convolution already feeds another whose input is
+        laid out the same (a ResNet stage's projection beside its first 1x1) through the same buffer.
         """
         if not self.can_feed(consumer):
             raise ValueError("Conv2DPlan.feed: the consumer cannot take this plan's output as its bf16 input")
-        consumer.rounded = _memory.zeros(consumer.rounded.shape, np.uint16)  # its own: the border stays zero
-        self.bf16_output = (consumer.rounded_view, consumer.pads[0], consumer.pads[2])
+        fed = self.bf16_output[0]
+        if fed.size:
+            consumer.rounded = fed  # (the first consumer's buffer, whole: a direct plan's has no slack)
+        else:
+            consumer.rounded = _memory.zeros(consumer.rounded.shape, np.uint16)  # its own: its border stays 0
+            self.bf16_output = (consumer.rounded_view, consumer.pads[0], consumer.pads[2])
         consumer.prerounded = True
 
     @staticmethod

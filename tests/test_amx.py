@@ -196,6 +196,42 @@ def test_a_plan_can_feed_the_next_convolution_its_bf16_input(shape, stride, pads
         np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
+def test_a_direct_plan_feeds_two_consumers_of_one_layout_through_one_buffer():
+    """A ResNet stage's input goes to its first 1x1 and to its projection (both stride 2, unpadded): the
+    producer writes one rounded copy, which both read; a consumer padded otherwise is not fed.  On AMX
+    (strided 1x1s subsample first) or without vdpbf16ps, neither is fed."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 8, 10, 64), dtype=np.float32)
+    weights = [rng.standard_normal(shape, dtype=np.float32) for shape in
+               [(1, 1, 64, 64), (1, 1, 64, 64), (1, 1, 64, 128), (3, 3, 64, 32)]]
+    biases = [rng.standard_normal(w.shape[-1], dtype=np.float32) for w in weights]
+    results = []
+    for fused in (False, True):
+        packs = [K.pack_conv2d(w, precision="bf16") for w in weights]
+        first = K.Conv2DPlan(packs[0], x.shape, 1, (0, 0, 0, 0))
+        shape = first.output_shape
+        unpadded = (0, 0, 0, 0)
+        plans = [K.Conv2DPlan(packs[1], shape, 2, unpadded), K.Conv2DPlan(packs[2], shape, 2, unpadded),
+                 K.Conv2DPlan(packs[3], shape, 1, (1, 1, 1, 1), winograd=False)]
+        if fused:
+            direct = not amx.AMX and bf16.use_dot()
+            assert first.can_feed(plans[0]) == direct
+            if direct:
+                first.feed(plans[0])
+                assert first.can_feed(plans[1]) and not first.can_feed(plans[2])
+                first.feed(plans[1])
+                assert np.shares_memory(plans[1].rounded, plans[0].rounded) and not plans[2].prerounded
+        middle = np.empty(shape, np.float32)
+        first(middle, x, biases[0], K.NO_RESIDUAL, True)
+        outs = []
+        for plan, bias in zip(plans, biases[1:]):
+            outs.append(np.empty(plan.output_shape, np.float32))
+            plan(outs[-1], middle, bias, K.NO_RESIDUAL, False)
+        results.append(outs)
+    for unfed, fed in zip(*results):
+        np.testing.assert_array_equal(unfed, fed)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gathering_a_thin_input_matches_naive_im2col(stride):
     """The stem's gather (plain Numba, any CPU): each pixel's taps in order, then zeros to the row's end."""

@@ -20,8 +20,8 @@ def main():
         pairs.append((array(u16, 4), array(u16, 5)))
     for x, panels in pairs:
         # (out, inp, panels, starts, bias, residual, kernel_w, relu, nchunks, group, rounded, top, left)
-        signature = (array(f32, 4), x, panels, array(i64, 2), array(f32, 1), array(f32, 4), i64, types.boolean,
-                     i64, i64, array(u16, 4), i64, i64)
+        signature = (array(f32, 4), x, panels, array(i64, 2), array(f32, 1), array(f32, 4), i64,
+                     types.boolean, i64, i64, array(u16, 4), i64, i64)
         for kernel in (conv.conv2d_forward, conv.conv2d_stream_forward):
             kernel.compile(signature)
     # the Winograd transforms' vector code

@@ -730,9 +730,10 @@ def _feed_convolutions(ops, output, convs):
 
     Where a Conv2D's output is a Conv2D's only input (``Conv2DPlan.can_feed``), the producer stores it,
     rounded to bf16, into the consumer's input buffer, and the consumer has nothing to round or pad.  On the
-    direct kernel the producer writes its float32 output too, for any other reader (a residual, another
-    convolution), and consumers whose inputs are laid out alike share one copy (a ResNet stage's first 1x1
-    and projection): at 64x64, 43 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
+    direct kernel (and F(2x2, 3x3) Winograd's output transform, for an unpadded consumer) the producer
+    writes its float32 output too, for any other reader (a residual, another convolution), and consumers
+    whose inputs are laid out alike share one copy (a ResNet stage's first 1x1 and projection): at 64x64,
+    45 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
     so there only an output that nothing else reads (in a ResNet bottleneck: of the first two of its three
     convolutions), without a residual, is fed.  ``convs`` maps each convolution's name to its plan.
     """

@@ -978,9 +978,9 @@ class Conv2DPlan:
     def can_feed(self, consumer):
         """True when this plan can write its output, rounded to bf16, straight into ``consumer``'s
         padded input: both on AMX, the consumer a stride-1 convolution of this output; or this plan on the
-        direct kernel (``conv2d_forward``, whole panels) and the consumer rounding its input for
-        ``vdpbf16ps`` (``rounds_input``, not AMX), and, if this plan feeds one already, that one's input
-        laid out as the consumer's."""
+        direct kernel (``conv2d_forward``, whole panels) or Winograd F(2x2, 3x3) (its output transform; the
+        consumer unpadded) and the consumer rounding its input for ``vdpbf16ps`` (``rounds_input``, not AMX),
+        and, if this plan feeds one already, that one's input laid out as the consumer's."""
         n, oh, ow, cout = self.output_shape
         top, bottom, left, right = consumer.pads
         if not consumer.rounds_input or consumer.packed.im2col or self.packed.im2col:
@@ -992,7 +992,9 @@ class Conv2DPlan:
             return False  # it feeds one already (on AMX, the only one), whose input is laid out otherwise
         if self.amx or consumer.amx:
             return self.amx and consumer.amx and consumer.stride == 1 and fits
-        return not self.winograd and cout % PANEL == 0 and fits
+        if self.winograd:  # F(2x2, 3x3)'s output transform writes a copy where the consumer reads it unpadded
+            return self.block == 2 and consumer.pads == (0, 0, 0, 0) and fits
+        return cout % PANEL == 0 and fits
 
     def feed(self, consumer):
         """From now on write the output, rounded to bf16, into ``consumer``'s bf16 input (``can_feed``).
@@ -1097,7 +1099,11 @@ class Conv2DPlan:
                 kernel = direct_kernel(ntiles, split[0])  # (streamed at 224x224 stage 4: 3 tiles)
                 calls.append((kernel, (m, v, self.panels, starts, self.no_bias, NO_RESIDUAL, 1, False, *split,
                                        NO_BF16_OUTPUT, 0, 0)))
-                calls.append((output_transform, (out[first:last], m[:, 0], bias, res, relu)))
+                args = (out[first:last], m[:, 0], bias, res, relu)
+                if self.block == 2:  # (F(2x2, 3x3)'s transform may write the next one's bf16 input too)
+                    fed = self.bf16_output[0]
+                    args += (fed[first:last] if fed.size else NO_BF16_OUTPUT,)
+                calls.append((output_transform, args))
             return calls
         if self.cols is not None:
             calls.append((im2col_forward, (self.cols, x, kh, kw, self.stride)))

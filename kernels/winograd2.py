@@ -181,7 +181,7 @@ def input_transform_forward(v, inp, tiles_w, top, left):
 
 
 @pjit
-def output_transform_forward(out, m, bias, residual, relu):
+def output_transform_forward(out, m, bias, residual, relu, rounded):
     """``out = relu?(A^T m A + bias + residual)`` for every 2x2 output block.
 
     A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].  A block cut by the edge (an odd output size) writes its
@@ -195,6 +195,8 @@ def output_transform_forward(out, m, bias, residual, relu):
     bias : float32 (Cout,)
     residual : float32 (N, OH, OW, Cout), or (0, 0, 0, 0) for none
     relu : bool
+    rounded : uint16 (N, OH, OW, Cout), or (0, 0, 0, 0): when not empty the output goes there too, rounded to
+        bf16 (the next convolution's unpadded bf16 input: ``conv.Conv2DPlan.feed``)
     """
     _, oh, ow, cout = out.shape
     tiles = m.shape[1]
@@ -202,6 +204,7 @@ def output_transform_forward(out, m, bias, residual, relu):
     has_residual = residual.size > 0
     flat, y = m.reshape(-1), out.reshape(-1)
     res = residual.reshape(-1) if has_residual else y  # (read only when has_residual)
+    to_bf16, y16 = rounded.size > 0, rounded.reshape(-1)
     plane = tiles * cout  # the products' offsets, unsigned
     p1, p2, p3, p4, p5 = np.uint64(plane), np.uint64(2 * plane), np.uint64(3 * plane), np.uint64(4 * plane), np.uint64(5 * plane)
     p6, p7, p8, p9, p10 = np.uint64(6 * plane), np.uint64(7 * plane), np.uint64(8 * plane), np.uint64(9 * plane), np.uint64(10 * plane)
@@ -237,3 +240,8 @@ def output_transform_forward(out, m, bias, residual, relu):
             y[o10 + ch] = v10
             y[o01 + ch] = v01
             y[o00 + ch] = v00
+            if to_bf16:  # (in the same order: an edge block's repeated row or column ends right)
+                y16[o11 + ch] = _bf16_bits(_float_bits(v11))
+                y16[o10 + ch] = _bf16_bits(_float_bits(v10))
+                y16[o01 + ch] = _bf16_bits(_float_bits(v01))
+                y16[o00 + ch] = _bf16_bits(_float_bits(v00))

@@ -232,6 +232,37 @@ def test_a_direct_plan_feeds_two_consumers_of_one_layout_through_one_buffer():
         np.testing.assert_array_equal(unfed, fed)
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 7, 64), (2, 8, 8, 64)], ids=["edge blocks", "whole blocks"])
+def test_a_winograd_plan_feeds_an_unpadded_consumer(shape):
+    """F(2x2, 3x3)'s output transform writes the copy (its edge blocks' repeated rows and columns included)
+    for a 1x1 that reads it unpadded; a padded consumer is not fed."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w1 = rng.standard_normal((3, 3, 64, 64), dtype=np.float32)
+    w2 = rng.standard_normal((1, 1, 64, 96), dtype=np.float32)
+    b1, b2 = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(96, dtype=np.float32)
+    results = []
+    for fused in (False, True):
+        first = K.Conv2DPlan(K.pack_conv2d(w1, precision="bf16"), x.shape, 1, (1, 1, 1, 1), winograd=2)
+        second = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), first.output_shape, 1, (0, 0, 0, 0))
+        padded = K.Conv2DPlan(K.pack_conv2d(w1, precision="bf16"), first.output_shape, 1, (1, 1, 1, 1),
+                              winograd=False)
+        if not first.winograd:  # bf16 Winograd runs on vdpbf16ps only, where AMX does not take the layer
+            assert not bf16.use_dot() or amx.usable((3, 3), 64, 1, (1, 1, 1, 1))
+            return
+        if fused:
+            assert first.can_feed(second) and not first.can_feed(padded)
+            first.feed(second)
+        middle, out = np.empty(first.output_shape, np.float32), np.empty(second.output_shape, np.float32)
+        first(middle, x, b1, K.NO_RESIDUAL, True)
+        second(out, middle, b2, K.NO_RESIDUAL, False)
+        if fused:
+            np.testing.assert_array_equal(second.rounded_view, bf16.to_bf16(middle))
+        results.append((middle, out))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gathering_a_thin_input_matches_naive_im2col(stride):
     """The stem's gather (plain Numba, any CPU): each pixel's taps in order, then zeros to the row's end."""

@@ -194,7 +194,7 @@ def use_dot():
 def _product_timing(dot):
     """A call of the direct kernel with bf16 panels on a compute-bound layer (14x14x256 -> 256, 3x3), for
     ``use_dot``: bf16 inputs on ``vdpbf16ps`` (``dot``), else float32 inputs and widened weights."""
-    from .conv import conv2d_forward  # (conv imports this module)
+    from .conv import NO_BF16_OUTPUT, NO_RESIDUAL, conv2d_forward  # (conv imports this module)
 
     rng = np.random.default_rng(0)
     size, cp, cout = 16, 256, 256
@@ -204,11 +204,11 @@ def _product_timing(dot):
     panels = pack_bf16(rng.standard_normal((3, 3, cp, cout), dtype=np.float32))
     out = _memory.empty((1, size - 2, size - 2, cout))
     starts = pixel_starts(out.shape, inp.shape, 1, 1)
-    bias, none = np.zeros(cout, np.float32), np.zeros((0, 0, 0, 0), np.float32)
+    bias = np.zeros(cout, np.float32)
     chunks = max(1, min(starts.shape[1] // TILE, 2 * get_num_threads()))
-    no_copy = np.zeros((0, 0, 0, 0), np.uint16)
-    return lambda: conv2d_forward(out, inp, panels, starts, bias, none, 3, True, chunks, panels.shape[1],
-                                  no_copy, 0, 0)
+    group = panels.shape[1]
+    return lambda: conv2d_forward(out, inp, panels, starts, bias, NO_RESIDUAL, 3, True, chunks, group,
+                                  NO_BF16_OUTPUT, 0, 0)
 
 
 def kernel():

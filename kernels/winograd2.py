@@ -241,7 +241,7 @@ def output_transform_forward(out, m, bias, residual, relu, rounded):
             y[o01 + ch] = v01
             y[o00 + ch] = v00
             if to_bf16:  # (in the same order: an edge block's repeated row or column ends right)
-                y16[o11 + ch] = _bf16_bits(_float_bits(v11))
-                y16[o10 + ch] = _bf16_bits(_float_bits(v10))
-                y16[o01 + ch] = _bf16_bits(_float_bits(v01))
-                y16[o00 + ch] = _bf16_bits(_float_bits(v00))
+                y16[o11 + ch] = _stored(v11, y16)
+                y16[o10 + ch] = _stored(v10, y16)
+                y16[o01 + ch] = _stored(v01, y16)
+                y16[o00 + ch] = _stored(v00, y16)

@@ -580,7 +580,7 @@ class _SharedScratch:
 
     def finish(self):
         for conv, kind, key, shape in self.users:
-            if kind == "rounded" and conv.prerounded:  # fed: its own buffer, which its producer writes
+            if kind == "rounded" and (conv.prerounded or conv.own_input):  # fed, or read by others: its own
                 continue
             setattr(conv, kind, self.buffers[key][:math.prod(shape)].reshape(shape))
         self.users = []
@@ -733,9 +733,12 @@ def _feed_convolutions(ops, output, convs):
     direct kernel (and F(2x2, 3x3) Winograd's output transform, for an unpadded consumer) the producer
     writes its float32 output too, for any other reader (a residual, another convolution), and consumers
     whose inputs are laid out alike share one copy (a ResNet stage's first 1x1 and projection): at 64x64,
-    45 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
+    46 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
     so there only an output that nothing else reads (in a ResNet bottleneck: of the first two of its three
-    convolutions), without a residual, is fed.  ``convs`` maps each convolution's name to its plan.
+    convolutions), without a residual, is fed.  Then convolutions that round the same input, laid out alike,
+    which nothing feeds, round it once (``Conv2DPlan.share_input``: at 224x224 batch 8, stage 4's first 1x1 and
+    projection at the start of the ``HeadPlan``'s batch part).  ``convs`` maps each convolution's name to its
+    plan.
     """
     readers = {}
     for op in ops:
@@ -751,6 +754,17 @@ def _feed_convolutions(ops, output, convs):
             if (consumer.name in convs and consumer.inputs == [op.name] and consumer.residual != op.name
                     and (only_reader or not producer.amx) and producer.can_feed(convs[consumer.name])):
                 producer.feed(convs[consumer.name])  # (several consumers of one layout share its buffer)
+    # convolutions that round one input nothing feeds them, laid out alike: the first rounds it for the others
+    alike = {}
+    for op in ops:
+        conv = convs.get(op.name)
+        if (conv is not None and len(op.inputs) == 1 and conv.rounds_input and not conv.prerounded
+                and not conv.amx and not conv.packed.im2col):
+            key = (op.inputs[0], conv.rounded_view.shape, conv.pads[0], conv.pads[2])
+            alike.setdefault(key, []).append(conv)
+    for first, *later in alike.values():
+        for conv in later:
+            first.share_input(conv)
 
 
 def _release_direct(model, name, block):

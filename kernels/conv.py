@@ -898,6 +898,7 @@ class Conv2DPlan:
         self.bf16_output = (NO_BF16_OUTPUT, 0, 0)  # where ``feed`` sends the output instead of ``out``
         self.measure_split = True                 # a small direct convolution's split from ``wisdom``
         self.prerounded = False                   # True: the producer wrote this plan's bf16 input
+        self.own_input = False                    # True: its bf16 input has its own buffer (``share_input``)
         if self.winograd:
             block, products = self.block, (self.block + 2) ** 2
             self.images, image_tiles = winograd_images(n, block, (oh, ow), cin, cout)
@@ -980,7 +981,9 @@ class Conv2DPlan:
         padded input: both on AMX, the consumer a stride-1 convolution of this output; or this plan on the
         direct kernel (``conv2d_forward``, whole panels) or Winograd F(2x2, 3x3) (its output transform; the
         consumer unpadded) and the consumer rounding its input for ``vdpbf16ps`` (``rounds_input``, not AMX),
-        and, if this plan feeds one already, that one's input laid out as the consumer's."""
+        and, if this plan feeds one already, that one's input laid out as the consumer's.  On the direct
+        kernel an unpadded consumer may see the output in another shape with the same pixels in the same
+        order (a stacked pair's (1, 1, N*H*W, C) output read as (N, H, W, C)): ``flat_feed``."""
         n, oh, ow, cout = self.output_shape
         top, bottom, left, right = consumer.pads
         if not consumer.rounds_input or consumer.packed.im2col or self.packed.im2col:
@@ -994,7 +997,14 @@ class Conv2DPlan:
             return self.amx and consumer.amx and consumer.stride == 1 and fits
         if self.winograd:  # F(2x2, 3x3)'s output transform writes a copy where the consumer reads it unpadded
             return self.block == 2 and consumer.pads == (0, 0, 0, 0) and fits
-        return cout % PANEL == 0 and fits
+        return cout % PANEL == 0 and (fits or self.flat_feed(consumer) and not fed.size)
+
+    def flat_feed(self, consumer):
+        """True when ``consumer`` reads this plan's output unpadded in another shape, its pixels in the same
+        order and with the same channels (its bf16 input then takes this plan's output shape)."""
+        view = consumer.rounded_view
+        return (consumer.pads == (0, 0, 0, 0) and view.shape != self.output_shape
+                and view.size == math.prod(self.output_shape) and view.shape[-1] == self.output_shape[-1])
 
     def feed(self, consumer):
         """From now on write the output, rounded to bf16, into ``consumer``'s bf16 input (``can_feed``).
@@ -1012,8 +1022,25 @@ class Conv2DPlan:
             consumer.rounded = fed  # (the first consumer's buffer, whole: a direct plan's has no slack)
         else:
             consumer.rounded = _memory.zeros(consumer.rounded.shape, np.uint16)  # its own: its border stays 0
-            self.bf16_output = (consumer.rounded_view, consumer.pads[0], consumer.pads[2])
+            view = consumer.rounded_view
+            if self.flat_feed(consumer):  # (the same memory, in the shape the kernel writes: ``can_feed``)
+                view = view.reshape(self.output_shape)
+            self.bf16_output = (view, consumer.pads[0], consumer.pads[2])
         consumer.prerounded = True
+
+    def share_input(self, other):
+        """From now on ``other``, a convolution of the same input laid out the same and run after this one,
+        reads the bf16 input this plan rounds (which this plan then rounds into a buffer of its own) instead
+        of rounding it again: the batch part of a ``HeadPlan`` starts with two such (a ResNet stage's first
+        1x1 and its projection)."""
+        if not (self.rounds_input and other.rounds_input and not (self.prerounded or other.prerounded)
+                and not (self.amx or other.amx or self.packed.im2col or other.packed.im2col)
+                and (self.rounded_view.shape, self.pads[0], self.pads[2])
+                == (other.rounded_view.shape, other.pads[0], other.pads[2])):
+            raise ValueError("Conv2DPlan.share_input: the other convolution cannot read this bf16 input")
+        if not self.own_input:
+            self.rounded, self.own_input = _memory.empty(self.rounded.shape, np.uint16), True
+        other.rounded, other.prerounded = self.rounded, True
 
     @staticmethod
     def _tiles(starts):

@@ -232,6 +232,71 @@ def test_a_direct_plan_feeds_two_consumers_of_one_layout_through_one_buffer():
         np.testing.assert_array_equal(unfed, fed)
 
 
+def test_a_direct_plan_feeds_a_consumer_that_reads_its_output_in_another_shape():
+    """A stacked pair's output is one row of N*H*W pixels, (1, 1, N*H*W, C); the next 1x1 reads it as
+    (N, H, W, C): the producer writes the copy in its own shape into the consumer's buffer, bit for bit the
+    consumer's own rounding.  A padded consumer, or one reading a different count of values, is not fed."""
+    rng = np.random.default_rng(9)
+    n, h, w = 2, 5, 7
+    x = rng.standard_normal((1, 1, n * h * w, 64), dtype=np.float32)
+    w1 = rng.standard_normal((1, 1, 64, 128), dtype=np.float32)
+    w2 = rng.standard_normal((1, 1, 128, 64), dtype=np.float32)
+    b1, b2 = rng.standard_normal(128, dtype=np.float32), rng.standard_normal(64, dtype=np.float32)
+    results = []
+    for fused in (False, True):
+        first = K.Conv2DPlan(K.pack_conv2d(w1, precision="bf16"), x.shape, 1, (0, 0, 0, 0))
+        second = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), (n, h, w, 128), 1, (0, 0, 0, 0))
+        padded = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), (n, h, w, 128), 1, (0, 0, 1, 1),
+                              winograd=False)
+        fewer = K.Conv2DPlan(K.pack_conv2d(w2, precision="bf16"), (1, h, w, 128), 1, (0, 0, 0, 0))
+        direct = not amx.AMX and bf16.use_dot()
+        if fused:
+            assert first.can_feed(second) == direct
+            if not direct:
+                return
+            assert not first.can_feed(padded) and not first.can_feed(fewer)
+            first.feed(second)
+        middle, out = np.empty(first.output_shape, np.float32), np.empty(second.output_shape, np.float32)
+        first(middle, x, b1, K.NO_RESIDUAL, True)
+        second(out, middle.reshape(n, h, w, 128), b2, K.NO_RESIDUAL, False)
+        if fused:
+            np.testing.assert_array_equal(second.rounded_view, bf16.to_bf16(middle).reshape(n, h, w, 128))
+        results.append((middle, out))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_two_convolutions_of_one_input_round_it_once():
+    """A stage's first 1x1 and its projection read the same input (the batch part of a ``HeadPlan``, where no
+    convolution feeds them): the first rounds it into a buffer of its own, the second reads that, with the
+    same answers; a convolution whose input is padded otherwise cannot share it."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 8, 10, 64), dtype=np.float32)
+    weights = [rng.standard_normal(shape, dtype=np.float32) for shape in [(1, 1, 64, 64), (1, 1, 64, 128)]]
+    biases = [rng.standard_normal(w.shape[-1], dtype=np.float32) for w in weights]
+    results = []
+    for shared in (False, True):
+        plans = [K.Conv2DPlan(K.pack_conv2d(w, precision="bf16"), x.shape, 2, (0, 0, 0, 0)) for w in weights]
+        padded = K.Conv2DPlan(K.pack_conv2d(weights[0], precision="bf16"), x.shape, 1, (1, 1, 1, 1),
+                              winograd=False)
+        if not plans[0].rounds_input or plans[0].amx:  # (AMX subsamples a strided 1x1's input first)
+            with pytest.raises(ValueError, match="cannot read"):
+                plans[0].share_input(plans[1])
+            return
+        if shared:
+            with pytest.raises(ValueError, match="cannot read"):
+                plans[0].share_input(padded)
+            plans[0].share_input(plans[1])
+            assert plans[0].own_input and plans[1].prerounded and plans[1].rounded is plans[0].rounded
+        outs = [np.full(plan.output_shape, np.nan, np.float32) for plan in plans]
+        for _ in range(2):
+            for plan, out, bias in zip(plans, outs, biases):
+                plan(out, x, bias, K.NO_RESIDUAL, True)
+        results.append(outs)
+    for unshared, shared in zip(*results):
+        np.testing.assert_array_equal(unshared, shared)
+
+
 @pytest.mark.parametrize("shape", [(1, 9, 7, 64), (2, 8, 8, 64)], ids=["edge blocks", "whole blocks"])
 def test_a_winograd_plan_feeds_an_unpadded_consumer(shape):
     """F(2x2, 3x3)'s output transform writes the copy (its edge blocks' repeated rows and columns included)

@@ -321,16 +321,19 @@ def _outside(figures, gate):
 def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
     """Where a convolution writes the next one's bf16 input (``model._feed_convolutions``), the pass gives
     the logits of each convolution rounding its own input, to the bit: in a plain plan, and in a batch cut
-    in two (``HeadPlan``, whose parts share their scratch: a fed input keeps its own buffer)."""
+    in two (``HeadPlan``, whose parts share their scratch: a fed input keeps its own buffer), at the last
+    value that alone goes on (the head holds every convolution) or after stage 3 (the batch part's first 1x1
+    and projection then round their one input once: ``Conv2DPlan.share_input``)."""
     from fastres import model as engine
 
     _, path = course
     x = np.random.default_rng(23).standard_normal((3, 64, 64, 3)).astype(np.float32)
     feeds = amx.AMX or bf16.use_dot()  # (else no convolution rounds its input)
     real = engine._feed_convolutions
-    for cut in (False, True):
-        if cut:  # cut at the last value that alone goes on: the head holds every convolution
-            monkeypatch.setattr(engine, "HEAD_IMAGE_BYTES", 1)
+    # (per image, stage 3's output is 8x8x512 floats, 128 KiB, stage 4's 64 KiB)
+    for cut, head_bytes in ((False, None), (True, 1), (True, 100 << 10)):
+        if cut:
+            monkeypatch.setattr(engine, "HEAD_IMAGE_BYTES", head_bytes)
             monkeypatch.setattr(engine, "HEAD_BATCH_BYTES", 1)
         got = {}
         for fed in (True, False):
@@ -346,6 +349,11 @@ def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
                 assert fed_inputs > 0 if fed and feeds else fed_inputs == 0
                 if fed and feeds and not amx.AMX:  # a block's output, residual added, feeds the next block
                     assert any(step.conv.bf16_output[0].size and step.args[3].size for step in convs)
+            if cut and head_bytes > 1 and fed and feeds and not amx.AMX:
+                tail = [step.conv for step in plan.tail.steps if hasattr(step, "conv")]
+                owners = [conv for conv in tail if conv.own_input]
+                assert plan.cut.startswith("res3") and len(owners) == 1 and owners[0] is tail[0]
+                assert [conv.rounded is owners[0].rounded for conv in tail].count(True) == 2
         np.testing.assert_array_equal(got[True][0], got[False][0])
         np.testing.assert_array_equal(got[True][1], got[False][1])
 

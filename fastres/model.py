@@ -758,10 +758,8 @@ def _feed_convolutions(ops, output, convs):
     alike = {}
     for op in ops:
         conv = convs.get(op.name)
-        if (conv is not None and len(op.inputs) == 1 and conv.rounds_input and not conv.prerounded
-                and not conv.amx and not conv.packed.im2col):
-            key = (op.inputs[0], conv.rounded_view.shape, conv.pads[0], conv.pads[2])
-            alike.setdefault(key, []).append(conv)
+        if conv is not None and len(op.inputs) == 1 and conv.can_share_input:
+            alike.setdefault((op.inputs[0], conv.input_layout), []).append(conv)
     for first, *later in alike.values():
         for conv in later:
             first.share_input(conv)

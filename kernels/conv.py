@@ -990,14 +990,24 @@ class Conv2DPlan:
             return False
         fits = consumer.rounded_view.shape == (n, oh + top + bottom, ow + left + right, cout)
         fed, fed_top, fed_left = self.bf16_output
-        same_layout = (fed.shape, fed_top, fed_left) == (consumer.rounded_view.shape, top, left)
-        if fed.size and (self.amx or not same_layout):
+        if fed.size and (self.amx or (fed.shape, fed_top, fed_left) != consumer.input_layout):
             return False  # it feeds one already (on AMX, the only one), whose input is laid out otherwise
         if self.amx or consumer.amx:
             return self.amx and consumer.amx and consumer.stride == 1 and fits
         if self.winograd:  # F(2x2, 3x3)'s output transform writes a copy where the consumer reads it unpadded
             return self.block == 2 and consumer.pads == (0, 0, 0, 0) and fits
         return cout % PANEL == 0 and (fits or self.flat_feed(consumer) and not fed.size)
+
+    @property
+    def input_layout(self):
+        """(shape, top, left) of the bf16 input this plan reads: plans alike in it can read one copy."""
+        return self.rounded_view.shape, self.pads[0], self.pads[2]
+
+    @property
+    def can_share_input(self):
+        """True when this plan rounds its input itself on ``vdpbf16ps`` (nothing feeds it), so that it can
+        round it for another plan of the same input (``share_input``)."""
+        return self.rounds_input and not (self.prerounded or self.amx or self.packed.im2col)
 
     def flat_feed(self, consumer):
         """True when ``consumer`` reads this plan's output unpadded in another shape, its pixels in the same
@@ -1033,10 +1043,7 @@ class Conv2DPlan:
         reads the bf16 input this plan rounds (which this plan then rounds into a buffer of its own) instead
         of rounding it again: the batch part of a ``HeadPlan`` starts with two such (a ResNet stage's first
         1x1 and its projection)."""
-        if not (self.rounds_input and other.rounds_input and not (self.prerounded or other.prerounded)
-                and not (self.amx or other.amx or self.packed.im2col or other.packed.im2col)
-                and (self.rounded_view.shape, self.pads[0], self.pads[2])
-                == (other.rounded_view.shape, other.pads[0], other.pads[2])):
+        if not (self.can_share_input and other.can_share_input and self.input_layout == other.input_layout):
             raise ValueError("Conv2DPlan.share_input: the other convolution cannot read this bf16 input")
         if not self.own_input:
             self.rounded, self.own_input = _memory.empty(self.rounded.shape, np.uint16), True

@@ -208,3 +208,26 @@ def test_nested_sequential_blocks(version, suffix, tmp_path):
     assert_matches(fr.predict(x), model(x, training=False))
     assert kinds == ["InputLayer", "Conv2D", "GlobalAveragePooling2D", "Dense"]
     assert [name.rpartition("/")[0] for name, _, _ in fr.operations] == ["", "", "head", "head"]
+
+
+def residuals(keras):
+    """Residual adds a convolution may store over (the last reader of the value it adds) and ones it may not
+    (the value is its own input too, or is read again), the model's input among them."""
+    L = keras.layers
+    inp = keras.Input((6, 6, 128))  # two panels of output channels: over its own input, the second would be wrong
+    a = L.Conv2D(128, 3, padding="same")(inp)
+    b = L.Add()([L.Conv2D(128, 1)(a), a])  # ``a`` is the convolution's input as well
+    c = L.Conv2D(128, 3, padding="same", activation="relu")(b)
+    d = L.Add()([L.Conv2D(128, 1)(c), b])  # the last reader of ``b``
+    e = L.Add()([L.Conv2D(128, 1)(d), inp])  # the input, read again below
+    f = L.ReLU()(L.Add()([L.Conv2D(128, 1)(e), inp]))  # its last reader
+    return keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(f)))
+
+
+@pytest.mark.parametrize("version,suffix", [CASES[0], CASES[-1]])
+def test_convolutions_storing_over_their_residual(version, suffix, tmp_path):
+    model, fr, kinds = load_both(version, suffix, residuals, tmp_path)
+    assert kinds == ["InputLayer"] + ["Conv2D"] * 6 + ["GlobalAveragePooling2D", "Dense"]
+    for seed in (8, 9):  # twice: a pass that wrote over its input buffer leaves the next one right
+        x = images((2, 6, 6, 128), seed=seed)
+        assert_matches(fr.predict(x), model(x, training=False))

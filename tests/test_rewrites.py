@@ -108,3 +108,25 @@ def test_stacked_inputs_share_a_slot_first_then_second():
     size = 3 * 6 * 6 * 16
     assert slot_of["in"] == slot_of["body"] and slots[slot_of["in"]] == 2 * size
     assert (offset_of["body"], offset_of["in"]) == (0, size) and slot_of["shortcut"] != slot_of["in"]
+
+
+def test_a_convolution_stores_over_its_residual_only_as_its_last_reader():
+    """Over the residual where nothing reads it after (the plan's input too), not where it is read again, is
+    the convolution's own input, or is the output."""
+    def residual_conv(name, src, residual):
+        layer = conv(name, src, "same", 1, 4, 4)
+        layer.residual = residual
+        return layer
+    ops = [Layer("in", "InputLayer", []), conv("a", "in", "same", 3, 4, 4),
+           residual_conv("own", "a", "a"),        # reads ``a`` as its input too
+           residual_conv("b", "own", "in"),       # ``in`` is read again by ``c``
+           residual_conv("c", "b", "in"),         # the last reader of ``in``
+           residual_conv("d", "c", "own"),        # the last reader of ``own``
+           residual_conv("e", "d", "d")]
+    shapes = {op.name: (5, 5, 4) for op in ops}
+    slot_of, _, slots = _layout(ops, "e", shapes, 2)
+    assert slot_of["own"] != slot_of["a"] and slot_of["b"] != slot_of["in"]
+    assert slot_of["c"] == slot_of["in"] and slot_of["d"] == slot_of["own"] and slot_of["e"] != slot_of["d"]
+    ops[-1] = residual_conv("e", "d", "c")  # ``c`` is the output: never written over
+    slot_of, _, _ = _layout(ops + [residual_conv("f", "e", "c")], "c", shapes | {"f": (5, 5, 4)}, 2)
+    assert slot_of["f"] != slot_of["c"]

@@ -25,13 +25,6 @@ PRECISIONS = ("fp32", "bf16")
 # multiple).  With every slot at the same offset, ResNet50's 1x1s with a residual took 1.03-1.05x the
 # time, the whole 224x1 pass 0.99-1.04x, 224x8 1.03x (Zen 3, same process)
 SLOT_STAGGER = 1088
-# A batch runs its first layers image by image and the rest as one batch (``_head``), where the values there
-# are large: an image's value at the cut at least HEAD_IMAGE_BYTES (each call still has an image's worth of
-# work) and the batch's at least HEAD_BATCH_BYTES (a batch of them would not stay in the cache between
-# layers, while the layers' weights are small).  ResNet50 224x224 batch 8, cut after stage 3: 0.961x the
-# time in fp32, 0.917x in bf16; batch 2 (not cut by this rule) 1.0x; 64x64 batch 8 cut there 1.14x (Zen 4)
-HEAD_IMAGE_BYTES = 1 << 20
-HEAD_BATCH_BYTES = 8 << 20
 
 
 def load(path, architecture=None, threads=None, classifier_activation="softmax", memory_limit=None,
@@ -367,7 +360,7 @@ class Model:
         if plan is None:
             if len(plans) >= 4:  # keep the memory of a few input shapes per thread
                 plans.pop(next(iter(plans)))
-            need = plan_bytes(self._ops, self._output, x.shape, self.precision)
+            cut, need = _head(self._ops, self._output, x.shape, self.precision, self.memory_limit)
             if need > self.memory_limit:
                 one = plan_bytes(self._ops, self._output, (1, *x.shape[1:]), self.precision)
                 fit = self.memory_limit // max(1, one)
@@ -375,7 +368,6 @@ class Model:
                                  f"{limits.human(need)} of buffers, over the memory limit of "
                                  f"{limits.human(self.memory_limit)}"
                                  + (f"; pass batch_size={fit} or less" if fit else ""))
-            cut = _head(self._ops, self._output, self._plan_shapes(x.shape), x.shape[0])
             plan = plans[x.shape] = Plan(self, x.shape) if cut is None else HeadPlan(self, x.shape, cut)
         return plan.run(x, out)
 
@@ -543,13 +535,12 @@ def _winograd_blocks(out, n, cin, precision):
     return most
 
 
-def plan_bytes(ops, output, shape, precision="fp32"):
+def plan_bytes(ops, output, shape, precision="fp32", cut=None):
     """Bytes a plan for input ``shape`` (N, H, W, C) allocates: its buffers, convolution scratch and output copy
-    (for a batch cut by ``_head``: the image-by-image part's, the batch part's, their one shared scratch and
-    the batch's input)."""
+    (for a batch cut after the value ``cut``, a ``HeadPlan``: the image-by-image part's, the batch part's, their
+    one shared scratch and the batch's input)."""
     shapes = infer_shapes(ops, shape[1:])
     n = shape[0]
-    cut = _head(ops, output, shapes, n)
     parts = [(ops, output, shape)]
     if cut is not None:
         head_ops, tail_ops = _split_at(ops, cut)
@@ -600,24 +591,39 @@ class _SharedScratch:
         self.users = []
 
 
-def _head(ops, output, shapes, n):
-    """The operation whose output ends the part of a batch of ``n`` run image by image (``HeadPlan``), or None.
-
-    The last operation whose output is all that later operations read of what came before it (a value
-    between two ResNet stages) and is large enough (``HEAD_IMAGE_BYTES``, ``HEAD_BATCH_BYTES``).
-    ``shapes``: every value's shape without the batch axis, as ``infer_shapes`` gives them.
-    """
-    if n < 2:
-        return None
+def _cuts(ops, output):
+    """The values after which a batch can run its first operations image by image (``HeadPlan``): each the only
+    value that later operations read of what came before it (in ResNet, every block's output), in order."""
     last_use = _last_uses(ops, output)
-    cut, live = None, set()
+    cuts, live = [], set()
     for i, op in enumerate(ops[:-1]):
         live = {name for name in live | {op.name} if last_use.get(name, -1) > i}
-        image = 4 * math.prod(shapes[op.name])
-        if (live == {op.name} and op.kind not in ("InputLayer", "Flatten") and image >= HEAD_IMAGE_BYTES
-                and n * image >= HEAD_BATCH_BYTES):
-            cut = op.name
-    return cut
+        if live == {op.name} and op.kind not in ("InputLayer", "Flatten"):
+            cuts.append(op.name)
+    return cuts
+
+
+def _head(ops, output, shape, precision, limit):
+    """``(cut, bytes)`` for a batch of ``shape``: ``cut`` None (one plain plan) where its buffers fit in ``limit``
+    bytes, else the first cut whose ``HeadPlan`` fits (``plan_bytes``: the fewest operations run image by
+    image), and the bytes it needs; where none fits, the fewest bytes any would need.
+
+    Run as one batch, every value is the batch's; cut, the values before the cut are one image's.  The plain
+    plan is the faster: since a convolution stores its output over its residual (``_over_residual``), at
+    224x224 batch 8 the cut after stage 3 took 1.03-1.04x the time in fp32 and bf16, batch 16 1.045x and
+    1.048x, after stage 2 batch 8 0.99-1.01x, batch 4 1.01-1.02x (Zen 4, one process, alternating); before, the
+    cut after stage 3 was the faster at batch 8 (0.961x).  So a batch is cut only to fit the memory limit:
+    at 224x224 batch 32, 243 MiB of buffers as one batch, 136 MiB cut after stage 3.
+    """
+    need = plan_bytes(ops, output, shape, precision)
+    if need <= limit or shape[0] < 2:
+        return None, need
+    for cut in _cuts(ops, output):
+        cut_need = plan_bytes(ops, output, shape, precision, cut)
+        if cut_need <= limit:
+            return cut, cut_need
+        need = min(need, cut_need)
+    return None, need
 
 
 def _split_at(ops, cut):
@@ -696,10 +702,10 @@ class Plan:
 class HeadPlan:
     """A forward pass of a batch whose first operations run image by image (``_head``), the rest as a batch.
 
-    Between two ResNet stages only the stage's output is carried on; where the batch's values before that
-    point would not stay in the cache, each image goes through that part on its own (its values stay in
-    cache from one layer to the next), into its place in the batch's value at the cut, and the later
-    layers (whose weights are large) then run on the whole batch.  The same kernels on the same values: the
+    Between two ResNet blocks only the block's output is carried on; where the batch's buffers would exceed
+    the memory limit, each image goes through the part before such a point on its own (its buffers are one
+    image's), into its place in the batch's value at the cut, and the later layers then run on the whole
+    batch.  The same kernels on the same values: the
     results are the plain ``Plan``'s to the bit.  It has ``Plan``'s attributes and methods, so ``profile``
     times it the same way (the head's layers summed over the images).
     """
@@ -750,8 +756,8 @@ def _feed_convolutions(ops, output, convs):
     46 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
     so there only an output that nothing else reads (in a ResNet bottleneck: of the first two of its three
     convolutions), without a residual, is fed.  Then convolutions that round the same input, laid out alike,
-    which nothing feeds, round it once (``Conv2DPlan.share_input``: at 224x224 batch 8, stage 4's first 1x1 and
-    projection at the start of the ``HeadPlan``'s batch part).  ``convs`` maps each convolution's name to its
+    which nothing feeds, round it once (``Conv2DPlan.share_input``: a stage's first 1x1 and projection at the
+    start of a ``HeadPlan``'s batch part).  ``convs`` maps each convolution's name to its
     plan.
     """
     readers = {}

@@ -330,11 +330,11 @@ def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
     x = np.random.default_rng(23).standard_normal((3, 64, 64, 3)).astype(np.float32)
     feeds = amx.AMX or bf16.use_dot()  # (else no convolution rounds its input)
     real = engine._feed_convolutions
-    # (per image, stage 3's output is 8x8x512 floats, 128 KiB, stage 4's 64 KiB)
-    for cut, head_bytes in ((False, None), (True, 1), (True, 100 << 10)):
-        if cut:
-            monkeypatch.setattr(engine, "HEAD_IMAGE_BYTES", head_bytes)
-            monkeypatch.setattr(engine, "HEAD_BATCH_BYTES", 1)
+    last_cut = {"last": lambda cuts: cuts[-1], "stage 3": lambda cuts: [c for c in cuts if c.startswith("res3")][-1]}
+    for cut, where in ((False, None), (True, "last"), (True, "stage 3")):
+        if cut:  # (as a memory limit would cut it: ``_head``)
+            monkeypatch.setattr(engine, "_head", lambda ops, output, shape, *_, where=where: (
+                last_cut[where](engine._cuts(ops, output)) if shape[0] > 1 else None, 0))
         got = {}
         for fed in (True, False):
             monkeypatch.setattr(engine, "_feed_convolutions", real if fed else lambda *args: None)
@@ -349,7 +349,7 @@ def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
                 assert fed_inputs > 0 if fed and feeds else fed_inputs == 0
                 if fed and feeds and not amx.AMX:  # a block's output, residual added, feeds the next block
                     assert any(step.conv.bf16_output[0].size and step.args[3].size for step in convs)
-            if cut and head_bytes > 1 and fed and feeds and not amx.AMX:
+            if where == "stage 3" and fed and feeds and not amx.AMX:
                 tail = [step.conv for step in plan.tail.steps if hasattr(step, "conv")]
                 owners = [conv for conv in tail if conv.own_input]
                 assert plan.cut.startswith("res3") and len(owners) == 1 and owners[0] is tail[0]

@@ -336,21 +336,26 @@ def test_a_layer_released_to_f2x2_runs_f4x4_at_a_larger_batch_the_same_whatever_
 
 # ------------------------------------------------------------------ a batch cut in two (model.HeadPlan)
 
-@pytest.mark.parametrize("size,batch,cut", [
-    (224, 1, None), (224, 2, None),     # a batch's values there fit in the cache: one plain plan
-    (224, 4, "conv2_block3_out"),        # 56x56x256 values, 12.8 MB for the batch: stage 2 image by image
-    (224, 8, "conv3_block4_out"),        # and 28x28x512 ones (12.8 MB): stages 2 and 3
-    (224, 64, "conv3_block4_out"),       # never stage 4: 0.8 MB an image, too little work for a call
-    (64, 256, None),                     # 64x64: no value of an image reaches 1 MiB
-])
-def test_a_large_batch_is_cut_between_two_resnet_stages(size, batch, cut):
-    """``_head`` cuts ResNet50 only where one value is all that goes on, and only where the batch's values
-    would leave the cache (``HEAD_IMAGE_BYTES``, ``HEAD_BATCH_BYTES``)."""
-    from fastres import architectures, graph, model
+def test_a_batch_is_cut_only_to_fit_the_memory_limit():
+    """``_cuts``: ResNet50 can be cut after any block (one value goes on), never inside one.  ``_head``: one plain
+    plan where it fits the limit, else the first cut that fits, else the fewest bytes any cut needs."""
+    from fastres import architectures, model
 
-    layers = architectures._applications(architectures.BLOCKS["resnet50"], 1000, "softmax")
-    shapes = graph.infer_shapes(layers, (size, size, 3))
-    assert model._head(layers, layers[-1].name, shapes, batch) == cut
+    layers, shape = architectures._applications(architectures.BLOCKS["resnet50"], 1000, "softmax"), (8, 224, 224, 3)
+    output = layers[-1].name
+    cuts = model._cuts(layers, output)
+    blocks = [f"conv{stage}_block{block}_out" for stage, count in zip((2, 3, 4, 5), (3, 4, 6, 3))
+              for block in range(1, count + 1)]
+    assert [cut for cut in cuts if cut.endswith("_out")] == blocks and "conv2_block1_1_relu" not in cuts
+    plain = model.plan_bytes(layers, output, shape)
+    needs = {cut: model.plan_bytes(layers, output, shape, cut=cut) for cut in cuts}
+    assert model._head(layers, output, shape, "fp32", plain) == (None, plain)
+    one = (1, *shape[1:])  # one image is never cut
+    assert model._head(layers, output, one, "fp32", 1) == (None, model.plan_bytes(layers, output, one))
+    for limit in (plain - 1, plain // 2, plain // 4):
+        first = next(cut for cut in cuts if needs[cut] <= limit)
+        assert model._head(layers, output, shape, "fp32", limit) == (first, needs[first])
+    assert model._head(layers, output, shape, "fp32", 1) == (None, min(needs.values()))
 
 
 @pytest.fixture(scope="module")
@@ -360,27 +365,32 @@ def resnet50_160(files):
     return build_and_save(keras, lambda: km.applications_resnet(keras, 50, (160, 160, 3), classes=10), 11, path), path
 
 
-def test_a_large_batch_runs_its_first_stage_image_by_image(resnet50_160, monkeypatch):
-    """At 160x160 stage 2's values are 1.6 MB an image: a batch of 6 runs stage 2 image by image and the rest
-    as a batch, with the plain plan's results to the bit, Keras's within the usual bound, in less memory, and
-    profiled layer by layer as the plain plan is."""
+def test_a_batch_over_the_memory_limit_runs_its_first_blocks_image_by_image(resnet50_160):
+    """Under a memory limit that one batch's buffers exceed, a batch of 6 runs its first blocks image by image
+    and the rest as a batch: the plain plan's results to the bit, Keras's within the usual bound, profiled
+    layer by layer as the plain plan is; under a limit no cut fits, an InputError that says what would."""
     from fastres import model as engine
 
     keras_model, path = resnet50_160
     x = images((6, 160, 160, 3), seed=12)
+    plain = fastres.load(path)
+    expected = plain.predict(x)
+    assert type(plain._local.plans[x.shape]) is engine.Plan
+    need = engine.plan_bytes(plain._ops, plain._output, x.shape)
     fr = fastres.load(path)
+    fr.memory_limit = need - 1  # (at load the limit holds the weights too: 90 MiB here)
     got = fr.predict(x)
     plan = fr._local.plans[x.shape]
-    assert isinstance(plan, engine.HeadPlan) and plan.cut == "conv2_block3_3_conv"  # the fused block output
+    assert isinstance(plan, engine.HeadPlan) and plan.cut == engine._head(fr._ops, fr._output, x.shape, "fp32", need - 1)[0]
+    assert engine.plan_bytes(fr._ops, fr._output, x.shape, cut=plan.cut) <= need - 1
+    np.testing.assert_array_equal(got, expected)
     assert_matches(got, keras_model(x, training=False))
-    cut_bytes = engine.plan_bytes(fr._ops, fr._output, x.shape)
     profile = fr.profile(x, runs=1)
     assert [name for name, _ in profile] == [op.name for op in fr._ops if op.kind != "InputLayer"]
-    monkeypatch.setattr(engine, "HEAD_BATCH_BYTES", 1 << 62)   # no cut: one plain plan
-    plain = fastres.load(path)
-    np.testing.assert_array_equal(got, plain.predict(x))
-    assert type(plain._local.plans[x.shape]) is engine.Plan
-    assert cut_bytes < engine.plan_bytes(plain._ops, plain._output, x.shape)
+    one = engine.plan_bytes(fr._ops, fr._output, (1, *x.shape[1:]))
+    fr.memory_limit = one
+    with pytest.raises(fastres.InputError, match="over the memory limit.*pass batch_size=1 or less"):
+        fr.predict(x[:5])  # (a shape not planned yet)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -431,14 +431,14 @@ def _stacked_inputs(ops):
 
 
 def _over_residual(op, i, last_use, pairs, shapes):
-    """Whether operation ``i`` may store its output over its residual: it is the residual's last reader, reads it
-    only as the residual, and neither is a stacked input.  Every kernel reads a residual element just before
-    it writes the output element at the same place, and nothing else there: a 56x56 64 -> 256 1x1 with its
-    residual evicted took 0.630 ms against 0.714 into another buffer (Zen 4), the line already being in
-    cache for the write, and the slot is one fewer."""
+    """Whether operation ``i`` may store its output over its residual: it is the residual's last reader, reads
+    it only as the residual, and neither is a stacked input.  Every kernel reads a residual element just
+    before it writes the output element at the same place, and nothing else there: a 56x56 64 -> 256 1x1
+    with its residual evicted took 0.630 ms against 0.714 into another buffer (Zen 4), the line already
+    being in cache for the write, and the slot is one fewer."""
     name = op.residual
-    return (name is not None and last_use[name] == i and name not in op.inputs and shapes[name] == shapes[op.name]
-            and name not in pairs and op.name not in pairs)
+    return (name is not None and last_use[name] == i and name not in op.inputs
+            and shapes[name] == shapes[op.name] and name not in pairs and op.name not in pairs)
 
 
 def _layout(ops, output, shapes, n):
@@ -537,8 +537,8 @@ def _winograd_blocks(out, n, cin, precision):
 
 def plan_bytes(ops, output, shape, precision="fp32", cut=None):
     """Bytes a plan for input ``shape`` (N, H, W, C) allocates: its buffers, convolution scratch and output copy
-    (for a batch cut after the value ``cut``, a ``HeadPlan``: the image-by-image part's, the batch part's, their
-    one shared scratch and the batch's input)."""
+    (for a batch cut after the value ``cut``, a ``HeadPlan``: the image-by-image part's, the batch part's,
+    their one shared scratch and the batch's input)."""
     shapes = infer_shapes(ops, shape[1:])
     n = shape[0]
     parts = [(ops, output, shape)]
@@ -592,8 +592,9 @@ class _SharedScratch:
 
 
 def _cuts(ops, output):
-    """The values after which a batch can run its first operations image by image (``HeadPlan``): each the only
-    value that later operations read of what came before it (in ResNet, every block's output), in order."""
+    """The values after which a batch can run its first operations image by image (``HeadPlan``): each the
+    only value that later operations read of what came before it (in ResNet, every block's output), in
+    order."""
     last_use = _last_uses(ops, output)
     cuts, live = [], set()
     for i, op in enumerate(ops[:-1]):
@@ -604,16 +605,16 @@ def _cuts(ops, output):
 
 
 def _head(ops, output, shape, precision, limit):
-    """``(cut, bytes)`` for a batch of ``shape``: ``cut`` None (one plain plan) where its buffers fit in ``limit``
-    bytes, else the first cut whose ``HeadPlan`` fits (``plan_bytes``: the fewest operations run image by
-    image), and the bytes it needs; where none fits, the fewest bytes any would need.
+    """``(cut, bytes)`` for a batch of ``shape``: ``cut`` None (one plain plan) where its buffers fit in
+    ``limit`` bytes, else the first cut whose ``HeadPlan`` fits (``plan_bytes``: the fewest operations run
+    image by image), and the bytes it needs; where none fits, the fewest bytes any would need.
 
-    Run as one batch, every value is the batch's; cut, the values before the cut are one image's.  The plain
-    plan is the faster: since a convolution stores its output over its residual (``_over_residual``), at
-    224x224 batch 8 the cut after stage 3 took 1.03-1.04x the time in fp32 and bf16, batch 16 1.045x and
-    1.048x, after stage 2 batch 8 0.99-1.01x, batch 4 1.01-1.02x (Zen 4, one process, alternating); before, the
-    cut after stage 3 was the faster at batch 8 (0.961x).  So a batch is cut only to fit the memory limit:
-    at 224x224 batch 32, 243 MiB of buffers as one batch, 136 MiB cut after stage 3.
+    Run as one batch, every value is the batch's; cut, the values before the cut are one image's.  The
+    plain plan is the faster: since a convolution stores its output over its residual (``_over_residual``),
+    at 224x224 batch 8 the cut after stage 3 took 1.03-1.04x the time in fp32 and bf16, batch 16 1.045x and
+    1.048x, after stage 2 batch 8 0.99-1.01x, batch 4 1.01-1.02x (Zen 4, one process, alternating); before,
+    the cut after stage 3 was the faster at batch 8 (0.961x).  So a batch is cut only to fit the memory
+    limit: at 224x224 batch 32, 243 MiB of buffers as one batch, 136 MiB cut after stage 3.
     """
     need = plan_bytes(ops, output, shape, precision)
     if need <= limit or shape[0] < 2:

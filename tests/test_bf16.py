@@ -330,7 +330,8 @@ def test_bf16_convolutions_feed_each_other_to_the_bit(course, monkeypatch):
     x = np.random.default_rng(23).standard_normal((3, 64, 64, 3)).astype(np.float32)
     feeds = amx.AMX or bf16.use_dot()  # (else no convolution rounds its input)
     real = engine._feed_convolutions
-    last_cut = {"last": lambda cuts: cuts[-1], "stage 3": lambda cuts: [c for c in cuts if c.startswith("res3")][-1]}
+    last_cut = {"last": lambda cuts: cuts[-1],
+                "stage 3": lambda cuts: [cut for cut in cuts if cut.startswith("res3")][-1]}
     for cut, where in ((False, None), (True, "last"), (True, "stage 3")):
         if cut:  # (as a memory limit would cut it: ``_head``)
             monkeypatch.setattr(engine, "_head", lambda ops, output, shape, *_, where=where: (

@@ -337,11 +337,12 @@ def test_a_layer_released_to_f2x2_runs_f4x4_at_a_larger_batch_the_same_whatever_
 # ------------------------------------------------------------------ a batch cut in two (model.HeadPlan)
 
 def test_a_batch_is_cut_only_to_fit_the_memory_limit():
-    """``_cuts``: ResNet50 can be cut after any block (one value goes on), never inside one.  ``_head``: one plain
-    plan where it fits the limit, else the first cut that fits, else the fewest bytes any cut needs."""
+    """``_cuts``: ResNet50 can be cut after any block (one value goes on), never inside one.  ``_head``: one
+    plain plan where it fits the limit, else the first cut that fits, else the fewest bytes any cut needs."""
     from fastres import architectures, model
 
-    layers, shape = architectures._applications(architectures.BLOCKS["resnet50"], 1000, "softmax"), (8, 224, 224, 3)
+    layers = architectures._applications(architectures.BLOCKS["resnet50"], 1000, "softmax")
+    shape = (8, 224, 224, 3)
     output = layers[-1].name
     cuts = model._cuts(layers, output)
     blocks = [f"conv{stage}_block{block}_out" for stage, count in zip((2, 3, 4, 5), (3, 4, 6, 3))
@@ -381,7 +382,8 @@ def test_a_batch_over_the_memory_limit_runs_its_first_blocks_image_by_image(resn
     fr.memory_limit = need - 1  # (at load the limit holds the weights too: 90 MiB here)
     got = fr.predict(x)
     plan = fr._local.plans[x.shape]
-    assert isinstance(plan, engine.HeadPlan) and plan.cut == engine._head(fr._ops, fr._output, x.shape, "fp32", need - 1)[0]
+    assert isinstance(plan, engine.HeadPlan)
+    assert plan.cut == engine._head(fr._ops, fr._output, x.shape, "fp32", need - 1)[0]
     assert engine.plan_bytes(fr._ops, fr._output, x.shape, cut=plan.cut) <= need - 1
     np.testing.assert_array_equal(got, expected)
     assert_matches(got, keras_model(x, training=False))

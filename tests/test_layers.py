@@ -214,7 +214,7 @@ def residuals(keras):
     """Residual adds a convolution may store over (the last reader of the value it adds) and ones it may not
     (the value is its own input too, or is read again), the model's input among them."""
     L = keras.layers
-    inp = keras.Input((6, 6, 128))  # two panels of output channels: over its own input, the second would be wrong
+    inp = keras.Input((6, 6, 128))  # two panels of outputs: stored over its own input, the second reads wrong
     a = L.Conv2D(128, 3, padding="same")(inp)
     b = L.Add()([L.Conv2D(128, 1)(a), a])  # ``a`` is the convolution's input as well
     c = L.Conv2D(128, 3, padding="same", activation="relu")(b)

@@ -90,7 +90,8 @@ def test_a_page_offset_off_the_lines_or_the_page_is_refused(offset):
 def test_a_plans_value_buffers_differ_in_their_page_offsets(rng, tmp_path):
     """A convolution reading its input while it stores its output must not wait on 4K aliasing: the two start
     at different offsets modulo 1 KiB (ResNet's rows are 1 KiB multiples).  Its residual, read for the last
-    time, is the output's own buffer (``model._over_residual``): each element read just before it is written."""
+    time, is the output's own buffer (``model._over_residual``): each element read just before it is
+    written."""
     import fastres
     import keras_models as km
     keras = km.keras3()
@@ -104,7 +105,7 @@ def test_a_plans_value_buffers_differ_in_their_page_offsets(rng, tmp_path):
     plan = engine._local.plans[x.shape]
     assert [op for op in engine._ops if op.name == "b"][0].residual is not None  # the add is fused into "b"
     out, inp, _, residual, _ = plan.steps[plan.names.index("b")].args
-    assert residual is plan.input and np.shares_memory(out, residual) and out.ctypes.data == residual.ctypes.data
+    assert residual is plan.input and out.ctypes.data == residual.ctypes.data
     assert inp.ctypes.data % 1024 != out.ctypes.data % 1024
 
 

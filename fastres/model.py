@@ -706,9 +706,9 @@ class HeadPlan:
     Between two ResNet blocks only the block's output is carried on; where the batch's buffers would exceed
     the memory limit, each image goes through the part before such a point on its own (its buffers are one
     image's), into its place in the batch's value at the cut, and the later layers then run on the whole
-    batch.  The same kernels on the same values: the
-    results are the plain ``Plan``'s to the bit.  It has ``Plan``'s attributes and methods, so ``profile``
-    times it the same way (the head's layers summed over the images).
+    batch.  The same kernels on the same values: the results are the plain ``Plan``'s to the bit.  It has
+    ``Plan``'s attributes and methods, so ``profile`` times it the same way (the head's layers summed over
+    the images).
     """
 
     def __init__(self, model, shape, cut):
@@ -754,12 +754,11 @@ def _feed_convolutions(ops, output, convs):
     direct kernel (and F(2x2, 3x3) Winograd's output transform, for an unpadded consumer) the producer
     writes its float32 output too, for any other reader (a residual, another convolution), and consumers
     whose inputs are laid out alike share one copy (a ResNet stage's first 1x1 and projection): at 64x64,
-    46 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy,
-    so there only an output that nothing else reads (in a ResNet bottleneck: of the first two of its three
-    convolutions), without a residual, is fed.  Then convolutions that round the same input, laid out alike,
-    which nothing feeds, round it once (``Conv2DPlan.share_input``: a stage's first 1x1 and projection at the
-    start of a ``HeadPlan``'s batch part).  ``convs`` maps each convolution's name to its
-    plan.
+    46 of a pass's 50 rounding calls go.  On AMX it writes only the bf16 copy, so there only an output that
+    nothing else reads (in a ResNet bottleneck: of the first two of its three convolutions), without a
+    residual, is fed.  Then convolutions that round the same input, laid out alike, which nothing feeds,
+    round it once (``Conv2DPlan.share_input``: a stage's first 1x1 and projection at the start of a
+    ``HeadPlan``'s batch part).  ``convs`` maps each convolution's name to its plan.
     """
     readers = {}
     for op in ops:

@@ -44,8 +44,11 @@ STREAM_ROWS = max(64, 8192 // (4 * PANEL))
 # a run's last tile of NARROW_TILE pixels or fewer computes only that many (``_fma_tile_narrow``,
 # ``_fma_chunk_narrow``): ResNet50's pixel counts leave 4 pixels (16, 64, 196, 784 ...) or 1 (49) in the
 # last tile of 6.  At 64x64 stage 4 (6 + 6 + 4 pixels) 0.87-0.94x the time, the whole pass 0.97x; 7x7
-# layers 0.98-1.0x (Zen 3, same process)
+# layers 0.98-1.0x (Zen 3, same process).  One of TINY_TILE pixels or fewer (49 = 8 x 6 + 1, 392 = 65 x 6 + 2)
+# runs a variant of its own (``_fma_tile_tiny``, ``_fma_chunk_tiny``): ResNet50 224x1's stage-5 1x1s 0.96-0.98x
+# the time, stage 3's Winograd (49 blocks) 0.97x, in ``fastres profile`` (Zen 4, separate processes)
 NARROW_TILE = TILE - 2
+TINY_TILE = NARROW_TILE // 2
 # ``conv2d_forward`` fetches the next panel during a panel's passes from cache where a panel holds more than
 # FETCH_MIN_BYTES and at most FETCH_MAX_BYTES.  Without it the first pass of each panel waits on memory:
 # float32 7x7x512 -> 2048 (128 KiB panels) took 0.95-0.99x the time with it, 14x14x256 -> 1024 (64 KiB)
@@ -342,6 +345,7 @@ def _tile_intrinsic(pixels):
 
 _fma_tile = _tile_intrinsic(TILE)
 _fma_tile_narrow = _tile_intrinsic(NARROW_TILE)  # a run's last tile, where it holds NARROW_TILE pixels or fewer
+_fma_tile_tiny = _tile_intrinsic(TINY_TILE)  # ... or TINY_TILE or fewer
 
 
 def _chunk_intrinsic(pixels):
@@ -375,6 +379,7 @@ def _chunk_intrinsic(pixels):
 
 _fma_chunk = _chunk_intrinsic(TILE)
 _fma_chunk_narrow = _chunk_intrinsic(NARROW_TILE)  # a run's last tile, where it holds NARROW_TILE pixels or fewer
+_fma_chunk_tiny = _chunk_intrinsic(TINY_TILE)  # ... or TINY_TILE or fewer
 
 
 def _tile_kinds(x, panel, bias):
@@ -502,8 +507,10 @@ def _task_tiles(task, runs, ngroups, group, sets, ntiles, nchunks):
 
 @inline
 def _narrow_tile(ntiles, run_pixels):
-    """The run's last tile where it holds ``NARROW_TILE`` pixels or fewer (it computes only those), else -1."""
-    return ntiles - 1 if run_pixels - (ntiles - 1) * TILE <= NARROW_TILE else -1
+    """The run's last tile where it holds ``NARROW_TILE`` pixels or fewer (it computes only those), else -1;
+    and whether it holds ``TINY_TILE`` or fewer."""
+    last = run_pixels - (ntiles - 1) * TILE
+    return (ntiles - 1 if last <= NARROW_TILE else -1), last <= TINY_TILE
 
 
 @pjit
@@ -560,7 +567,7 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
     # (``FETCH_MIN_BYTES``); on Zen 3 this had gained nothing for the whole ResNet50 (0.99-1.01x).
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
-    narrow = _narrow_tile(ntiles, run_pixels)
+    narrow, tiny = _narrow_tile(ntiles, run_pixels)
     weights = panels.reshape(-1)
     panel_size = panels[0, 0].size  # elements
     fetch_next = FETCH_MIN_BYTES < panel_size * panels.itemsize <= FETCH_MAX_BYTES
@@ -614,12 +621,17 @@ def conv2d_forward(out, inp, panels, starts, bias, residual, kernel_w, relu, nch
                             next_panel = (next_set * nblk + next_first) * panel_size if following < ntasks else -1
                     if next_panel >= 0:
                         at = next_panel + (tile - begin - 1) * ahead * depth
-                        if tile == narrow:
+                        if tile == narrow and tiny:
+                            _fma_chunk_tiny(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, True, bias, c0, 0,
+                                            False, weights, at, ahead)
+                        elif tile == narrow:
                             _fma_chunk_narrow(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, True, bias, c0, 0,
                                               False, weights, at, ahead)
                         else:
                             _fma_chunk(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, True, bias, c0, 0, False,
                                        weights, at, ahead)
+                    elif tile == narrow and tiny:
+                        _fma_tile_tiny(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     elif tile == narrow:
                         _fma_tile_narrow(acc_ptr, x, xb_ptr, wp * cin, kernel_h, row, panel, fetch, bias, c0)
                     else:
@@ -668,7 +680,7 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
     panel_chunks = kernel_h * row_chunks
     ngroups = (nblk + group - 1) // group
     ntasks = runs * nchunks * ngroups
-    narrow = _narrow_tile(ntiles, run_pixels)  # (16 pixels: 6 + 6 + 4)
+    narrow, tiny = _narrow_tile(ntiles, run_pixels)  # (16 pixels: 6 + 6 + 4)
     taken = task_counters()
     for _ in prange(ntasks):
         saved = stack_f32(STREAM_ACC)  # each tile's sums between chunks
@@ -702,7 +714,10 @@ def conv2d_stream_forward(out, inp, panels, starts, bias, residual, kernel_w, re
                         for t in range(TILE):
                             xb[t] = np.uint64(starts[run, local0 + t] + i * wp * cin + q0 * pair)
                         acc_ptr = advance(saved, j * ACC)
-                        if sub + j == narrow:
+                        if sub + j == narrow and tiny:
+                            _fma_chunk_tiny(acc_ptr, x, xb_ptr, 0, 1, steps, panel, fetch, bias, c0, i * row + q0,
+                                            part > 0, weights, ahead_at + j * share * steps, share)
+                        elif sub + j == narrow:
                             _fma_chunk_narrow(acc_ptr, x, xb_ptr, 0, 1, steps, panel, fetch, bias, c0, i * row + q0,
                                               part > 0, weights, ahead_at + j * share * steps, share)
                         else:

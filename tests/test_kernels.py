@@ -53,7 +53,8 @@ def test_conv2d_fused_residual_relu(case, rng):
 STREAM_CASES = [
     # (h, w, cin, cout, kernel, stride, nchunks, group): tasks of 1 to 9 tiles, kernel rows of
     # 24 to 3 * 300 steps (one chunk, several, a part chunk), part panels, several panels a task; last
-    # tiles of 1, 2, 3 and 4 pixels (computed as NARROW_TILE-pixel tiles on AVX2 and AVX-512) and of 5
+    # tiles of 1, 2, 3 and 4 pixels (computed as TINY_TILE-pixel tiles, 1 and 2, and NARROW_TILE-pixel ones
+    # on AVX2 and AVX-512) and of 5
     (4, 4, 256, 256, 3, 1, 1, 1),
     (4, 4, 64, 40, 1, 1, 1, 2),
     (3, 5, 24, 33, 3, 1, 2, 1),

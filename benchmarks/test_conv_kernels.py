@@ -1,13 +1,15 @@
 """fastres's convolution beside numpy im2col + BLAS, on every ResNet50 convolution shape.
 
 Run with:  pytest benchmarks/test_conv_kernels.py --benchmark-only
-One group per distinct shape (and one per whole sequence of 53 convolutions);
+One group per distinct shape (and one per whole sequence of 53 convolutions); and one per stride-1 3x3
+at 224x1, 64x1 and 224x8 with the direct kernel beside the plan's choice (``-k winograd``);
 compare the two rows of a group as a ratio of medians, never across runs.
 """
 import numpy as np
 import pytest
 
 import fastres.kernels as K
+from fastres.kernels.conv import evict_forward
 from resnet50_shapes import distinct, resnet50_convs
 from reference import conv2d_im2col_blas
 
@@ -79,6 +81,37 @@ def test_resnet50_all_convs(benchmark, engine, size):
     results = benchmark(run)
     c, x, w = layers[-1]
     check(results[-1], conv2d_im2col_blas(x, w, c.stride, c.padding))
+
+
+WINOGRAD_CASES = [(size, batch, conv) for size, batch in ((224, 1), (64, 1), (224, 8))
+                  for conv, _ in distinct(resnet50_convs(size)) if conv.kernel == 3 and conv.stride == 1]
+
+
+@pytest.mark.parametrize("kernel", ["direct", "chosen"])
+@pytest.mark.parametrize("size,batch,conv", WINOGRAD_CASES, ids=[f"{s}x{b}-{c.key}" for s, b, c in WINOGRAD_CASES])
+def test_winograd_against_direct(benchmark, kernel, size, batch, conv):
+    """Each stride-1 3x3 of ResNet50 on the direct kernel and as the plan runs it (Winograd where chosen, with
+    ``extra_info["kernel"]`` naming it), the weights evicted before each call as a forward pass meets them.
+    Issue 7's gate: a layer chosen for Winograd at 1.8x the direct kernel's speed or more."""
+    benchmark.group = f"3x3 {conv.key} batch {batch} (ResNet50 at {size}): direct kernel and the plan's choice"
+    benchmark.extra_info["gflop"] = batch * conv.flops / 1e9
+    rng = np.random.default_rng(0)
+    x, w = make_layer(conv, rng)
+    x = np.repeat(x, batch, axis=0)
+    packed = K.pack_conv2d(w)
+    plan = K.Conv2DPlan(packed, x.shape, 1, (1, 1, 1, 1), winograd=False if kernel == "direct" else None)
+    bias = np.zeros(conv.cout, np.float32)
+    out = np.empty(plan.output_shape, np.float32)
+    run = plan.bind(out, x, bias, K.NO_RESIDUAL, True)
+    benchmark.extra_info["kernel"] = plan.kernel
+    weights = plan.panels if plan.winograd else packed.panels
+
+    def evict():
+        evict_forward(weights)
+
+    run()  # JIT warm-up (and the plan's measured choices)
+    result = benchmark.pedantic(run, setup=evict, rounds=60, warmup_rounds=5)
+    check(result, conv2d_im2col_blas(x, w, conv.stride, conv.padding))
 
 
 def test_fma_peak(benchmark):

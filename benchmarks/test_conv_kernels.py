@@ -130,3 +130,20 @@ def test_fma_peak(benchmark):
     fixed = shift / (1 - scale)
     expected = fixed + (np.arange(roofline.ACC) - fixed) * scale ** steps
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-2, atol=1e-3)  # float32 drift
+
+
+def test_read_bandwidth(benchmark):
+    """The machine's read bandwidth from memory (a 256 MiB array summed on every thread): the other roofline,
+    which bounds the 53 convolutions at 64x64 (their 98 MiB of weights)."""
+    from fastres.kernels import roofline
+
+    benchmark.group = "machine: read bandwidth (256 MiB summed on every thread)"
+    threads = K.get_num_threads()
+    data = np.empty((256 << 20) // 4 // threads * threads, np.float32)
+    data.fill(0)  # (written, so that every page is mapped: np.zeros's pages would all read one zero page)
+    data[:: data.size // threads] = 1  # one 1 a slice: each slice sums to 1 in any order
+    out = np.empty(threads, np.float32)
+    roofline.read_sum_forward(out, data[: threads * 1024])  # JIT warm-up
+    benchmark.extra_info["gbytes"] = data.nbytes / 1e9
+    benchmark(roofline.read_sum_forward, out, data)
+    assert (out == 1).all()

@@ -132,14 +132,16 @@ def _checked_threads(n):
 
 @contextlib.contextmanager
 def _threads(n):
-    """Run the kernels in this thread on ``n`` threads (Numba's count is per calling thread)."""
-    if n is None or n == numba.get_num_threads():
-        yield
-        return
+    """Run the kernels in this thread on ``n`` threads (Numba's count is per calling thread); yields the count
+    in effect.  (``numba.get_num_threads`` is asked once: right after a pass has streamed the weights through the
+    caches it took 15 us, a third of a percent of a 64x64 pass.)"""
     before = numba.get_num_threads()
+    if n is None or n == before:
+        yield before
+        return
     numba.set_num_threads(n)
     try:
-        yield
+        yield n
     finally:
         numba.set_num_threads(before)
 
@@ -303,13 +305,19 @@ class Model:
                 raise InputError(f"x cannot be converted to an array: {exc}") from None
         if x.dtype.kind not in "fiub":
             raise InputError(f"x has dtype {x.dtype}; expected float32 (or a real numeric type to convert)")
-        expected = "(N, " + ", ".join("H" if d is None else str(d) for d in self._input_shape[:2]) + f", {self._input_shape[2]})"
         if x.ndim != 4:
-            raise InputError(f"x has shape {x.shape}; expected a batch of images {expected}")
+            raise InputError(f"x has shape {x.shape}; expected a batch of images {self._expected_input()}")
         for axis, (got, want) in enumerate(zip(x.shape[1:], self._input_shape), start=1):
             if want is not None and got != want:
-                raise InputError(f"x has shape {x.shape}; expected {expected} (axis {axis} is {got}, not {want})")
+                raise InputError(f"x has shape {x.shape}; expected {self._expected_input()} (axis {axis} is {got}, "
+                                 f"not {want})")
         return x
+
+    def _expected_input(self):
+        """The input shape for messages: ``(N, 224, 224, 3)``, ``H`` and ``W`` where the size is free."""
+        h, w, c = ("H" if self._input_shape[0] is None else self._input_shape[0],
+                   "W" if self._input_shape[1] is None else self._input_shape[1], self._input_shape[2])
+        return f"(N, {h}, {w}, {c})"
 
     def predict(self, x, batch_size=None):
         """Run the model on ``x`` (N, H, W, C) and return its output (N, ...) as float32.
@@ -333,9 +341,9 @@ class Model:
             raise InputError(f"the output for {n} images is {limits.human(out_bytes)}, over the memory limit of "
                              f"{limits.human(self.memory_limit)}")
         out = np.empty((n, *out_shape), np.float32)
-        with self._threads():
+        with self._threads() as threads:
             for i in range(0, n, step):
-                self._run(x[i:i + step], out[i:i + step])
+                self._run(x[i:i + step], out[i:i + step], threads)
         return out
 
     def _plan_shapes(self, shape):
@@ -352,7 +360,9 @@ class Model:
             self._shapes[shape[1:]] = shapes
         return shapes
 
-    def _run(self, x, out=None):
+    def _run(self, x, out=None, threads=None):
+        """Run ``x`` (one batch) through its plan (made on first use, per input shape and calling thread) into
+        ``out``; ``threads``: the kernels' thread count in this thread, where the caller knows it."""
         plans = getattr(self._local, "plans", None)
         if plans is None:
             plans = self._local.plans = {}
@@ -369,7 +379,7 @@ class Model:
                                  f"{limits.human(self.memory_limit)}"
                                  + (f"; pass batch_size={fit} or less" if fit else ""))
             plan = plans[x.shape] = Plan(self, x.shape) if cut is None else HeadPlan(self, x.shape, cut)
-        return plan.run(x, out)
+        return plan.run(x, out, threads)
 
 
 def _pack_stored(kernel, precision="fp32", chunk_bytes=1 << 20):
@@ -687,9 +697,10 @@ class Plan:
                 self.kernels[self.names[i]] = step.conv.kernel  # (the split may name the kernel: ", streamed")
                 self.steps[i] = bound
 
-    def run(self, x, out=None):
-        """Copy ``x`` (converted to float32) into the input buffer, run every step, return the output (a copy)."""
-        if self.threads != K.get_num_threads():  # each work split is made for one thread count
+    def run(self, x, out=None, threads=None):
+        """Copy ``x`` (converted to float32) into the input buffer, run every step, return the output (a copy).
+        ``threads``: the kernels' thread count in this thread, where the caller knows it (else asked)."""
+        if self.threads != (threads or K.get_num_threads()):  # each work split is made for one thread count
             self.bind()
         self.input[...] = x
         for step in self.steps:

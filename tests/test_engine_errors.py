@@ -145,6 +145,8 @@ def test_input_too_small_for_free_size_model(saved, tmp_path):
     assert fr.predict(np.ones((1, 9, 6, 3), np.float32)).shape == (1, 4)
     with pytest.raises(fastres.InputError, match="too small for this model: layer 'wide'"):
         fr.predict(np.zeros((1, 3, 8, 3), np.float32))
+    with pytest.raises(fastres.InputError, match=r"expected \(N, H, W, 3\) \(axis 3 is 1, not 3\)"):
+        fr.predict(np.zeros((1, 9, 6, 1), np.float32))
 
 
 def test_architecture_for_a_full_model(saved):

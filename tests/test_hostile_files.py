@@ -369,13 +369,14 @@ def test_threads_hold_in_a_worker_thread(files):
 import threading, numba, numpy as np, fastres, fastres.model as fm
 seen = []
 run = fm.Plan.run
-fm.Plan.run = lambda self, x, out=None: (seen.append(numba.get_num_threads()), run(self, x, out))[1]
+fm.Plan.run = lambda self, x, out=None, threads=None: (seen.append((numba.get_num_threads(), threads)),
+                                                     run(self, x, out, threads))[1]
 model = fastres.load({str(files / 'seq.h5')!r}, threads=1)
 assert fastres.get_num_threads() == 2, "load(threads=) changed the caller's count"
 worker = threading.Thread(target=model.predict, args=(np.zeros((1, 13, 11, 3), np.float32),))
 worker.start(); worker.join()
 model.predict(np.zeros((1, 13, 11, 3), np.float32))
-assert seen == [1, 1] and fastres.get_num_threads() == 2, seen
+assert seen == [(1, 1), (1, 1)] and fastres.get_num_threads() == 2, seen  # (the count, and what run was told)
 """
     env = dict(os.environ, NUMBA_NUM_THREADS="2")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
